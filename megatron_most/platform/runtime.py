@@ -1,0 +1,126 @@
+"""Backend selection and process-group initialisation, identical for torchrun on GPUs and CPUs.
+
+With a GPU: NCCL, one device per local rank, Transformer Engine modules when installed.
+Without one: gloo on the CPU, after `compat_cpu.enable()` has made Megatron-Core's CUDA
+assumptions hold there. Either way the same Megatron-Core code (schedules, DDP, optimizer,
+dist_checkpointing) runs afterwards.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.util
+import os
+import socket
+
+import torch
+
+from megatron_most.platform import compat_cpu
+from megatron_most.platform.layout import ParallelLayout
+from megatron_most.platform.version import check_megatron_core
+
+
+def has_gpu() -> bool:
+    return torch.cuda.is_available()
+
+
+def has_transformer_engine() -> bool:
+    """Transformer Engine is used only on GPUs, and only when it is installed."""
+    return has_gpu() and importlib.util.find_spec("transformer_engine") is not None
+
+
+def backend() -> str:
+    return "nccl" if has_gpu() else "gloo"
+
+
+def device() -> torch.device:
+    if has_gpu():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def fusion_settings() -> dict:
+    """TransformerConfig fields for kernels that exist only with CUDA, TE or apex.
+
+    Turned off where they are not available so one config works on every machine.
+    """
+    gpu, te = has_gpu(), has_transformer_engine()
+    apex = importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None
+    return dict(
+        gradient_accumulation_fusion=gpu and (te or apex),
+        bias_activation_fusion=gpu,
+        bias_dropout_fusion=gpu,
+        masked_softmax_fusion=gpu,
+        apply_rope_fusion=te,
+        persist_layer_norm=False,
+        moe_permute_fusion=te,
+        use_cpu_initialization=not gpu,
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def prepare_process() -> None:
+    """Per-process setup that needs no process group: version pin, device, CPU compatibility."""
+    check_megatron_core()
+    compat_cpu.patch_missing_transformer_engine()
+    if has_gpu():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    else:
+        compat_cpu.enable()
+        # Megatron decorates small fused functions with torch.compile; on a CPU that means a
+        # C++ compile per function on first call for no gain at these sizes.
+        torch._dynamo.config.disable = True
+
+
+def initialize(
+    layout: ParallelLayout,
+    *,
+    num_experts: int | None = None,
+    seed: int = 1234,
+    timeout_s: float = 600.0,
+) -> int:
+    """Initialise torch.distributed from torchrun's environment and Megatron's parallel groups.
+
+    The layout is checked against the world size and expert count before any group exists,
+    so a bad layout fails at once on every rank instead of hanging. Collectives time out after
+    `timeout_s`, so a dead rank ends the job with an error. Returns the data-parallel size.
+    Without torchrun's variables it runs as a single process.
+    """
+    from megatron.core import parallel_state, tensor_parallel
+
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    dp = layout.dp(world_size)
+    layout.check_experts(num_experts)
+    prepare_process()
+    if not torch.distributed.is_initialized():
+        if "MASTER_ADDR" not in os.environ:
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1")
+        torch.distributed.init_process_group(
+            backend=backend(),
+            rank=int(os.environ.get("RANK", 0)),
+            world_size=world_size,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
+    parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        expert_model_parallel_size=layout.ep,
+        expert_tensor_parallel_size=layout.expert_tp,
+        distributed_timeout_minutes=max(1, int(timeout_s // 60)),
+    )
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    return dp
+
+
+def shutdown() -> None:
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -1,0 +1,365 @@
+"""Parallel self-check: a tiny Megatron MoE GPT trained at a layout must match one rank.
+
+Run under torchrun (see tools/selfcheck.py). Rank 0 first runs a single-rank reference job in
+a subprocess: it builds the model, saves its initial weights as a torch_dist checkpoint, runs
+one forward-backward (its gradients saved as a checkpoint too) and a few optimizer steps
+(losses, grad norms and final weights saved). Then every rank, at the requested layout:
+
+1. loads the initial checkpoint (resharded from TP1/PP1/EP1 to this layout), runs one
+   forward-backward with plain DDP and compares every local gradient shard with the
+   reference gradients (loaded through the same resharding);
+2. loads it again and trains the same steps with grad clipping and the distributed optimizer
+   (`--dist-opt`), comparing losses, grad norms and final weights;
+3. saves a torch_dist checkpoint at this layout, reloads it, and checks the weights and the
+   loss round-trip exactly.
+
+Rank 0 prints one line: `PASS ...` or `FAIL ...` with the max loss / grad / weight differences.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from megatron_most.platform.layout import ParallelLayout
+from megatron_most.platform.runtime import fusion_settings, initialize
+
+NUM_EXPERTS = 4
+SEQ, MICRO, GLOBAL, VOCAB = 32, 2, 8, 128
+LR = 1e-2
+LOSS_TOL, GRAD_TOL = 1e-5, 1e-5
+"""fp32 tolerances on |difference| / max(1, |reference|): reduction order differs by layout."""
+ADAM_EPS = 1e-2
+WEIGHT_TOL = 1e-4
+"""Adam divides by sqrt(v) + eps: with a tiny eps, rounding noise in near-zero gradients becomes
+a full step of size LR. With eps = 1e-2 a gradient difference d moves a weight by at most
+LR * d / eps per step (3e-5 over 3 steps at d = GRAD_TOL), while a real bug (d >= 1e-3) moves
+it by 1e-3 or more."""
+
+
+def build_model(layout: ParallelLayout):
+    """A 4-layer MoE GPT (first layer dense, shared expert, top-2 of 4 experts) for this stage."""
+    import torch.nn.functional as F
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.transformer import TransformerConfig
+
+    from megatron_most.model.spec import decoder_block_spec
+
+    config = TransformerConfig(
+        num_layers=4,
+        hidden_size=64,
+        num_attention_heads=4,
+        ffn_hidden_size=128,
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        expert_model_parallel_size=layout.ep,
+        expert_tensor_parallel_size=layout.expert_tp,
+        sequence_parallel=layout.sp,
+        normalization="RMSNorm",
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        params_dtype=torch.float32,
+        pipeline_dtype=torch.float32,
+        num_moe_experts=NUM_EXPERTS,
+        moe_layer_freq=[0, 1, 1, 1],
+        moe_router_topk=2,
+        moe_ffn_hidden_size=32,
+        moe_shared_expert_intermediate_size=64,
+        moe_token_dispatcher_type="alltoall",
+        moe_router_load_balancing_type="aux_loss",
+        moe_aux_loss_coeff=1e-2,
+        moe_router_dtype="fp32",
+        **fusion_settings(),
+    )
+    return GPTModel(
+        config,
+        decoder_block_spec(config),
+        vocab_size=VOCAB,
+        max_sequence_length=SEQ,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        position_embedding_type="rope",
+        share_embeddings_and_output_weights=False,
+    )
+
+
+def _batches(step: int):
+    """This data-parallel rank's micro-batches of the global batch of `step`."""
+    from megatron.core import parallel_state
+
+    dp_rank = parallel_state.get_data_parallel_rank()
+    dp_size = parallel_state.get_data_parallel_world_size()
+    gen = torch.Generator().manual_seed(1000 + step)
+    tokens = torch.randint(0, VOCAB, (GLOBAL, SEQ + 1), generator=gen)  # [global_batch, seq+1]
+    mine = tokens.chunk(dp_size)[dp_rank]
+    return iter(mine.split(MICRO))
+
+
+def _forward_step(data_iterator, model):
+    batch = next(data_iterator).to(next(model.parameters()).device)  # [micro, seq+1]
+    tokens, labels = batch[:, :-1], batch[:, 1:]
+    positions = torch.arange(SEQ, device=batch.device).expand_as(tokens)
+    output = model(tokens, positions, None, labels=labels)  # [micro, seq] per-token loss
+
+    def loss_func(per_token_loss):
+        loss = per_token_loss.float().mean()
+        return loss, {"loss": loss.detach().clone()}  # the schedule rescales `loss` in place
+
+    return output, loss_func
+
+
+def _run_steps(ddp, optimizer, first_step: int, steps: int):
+    from megatron_most.training.engine import train_step
+
+    dp = torch.distributed.get_world_size() // (ddp.config.tensor_model_parallel_size * ddp.config.pipeline_model_parallel_size)
+    kwargs = dict(num_microbatches=GLOBAL // (MICRO * dp), seq_length=SEQ, micro_batch_size=MICRO)
+    return [train_step(ddp, optimizer, _forward_step, _batches(first_step + s), **kwargs) for s in range(steps)]
+
+
+def _optimizer_config(distributed: bool):
+    from megatron.core.optimizer import OptimizerConfig
+
+    return OptimizerConfig(
+        optimizer="adam",
+        lr=LR,
+        adam_beta2=0.95,
+        adam_eps=ADAM_EPS,
+        clip_grad=1.0,
+        weight_decay=0.01,
+        use_distributed_optimizer=distributed,
+        params_dtype=torch.float32,
+    )
+
+
+@contextlib.contextmanager
+def _params_hold(module, values: dict):
+    """Temporarily point each parameter's data at `values[name]` (e.g. its gradient)."""
+    params = dict(module.named_parameters())
+    saved = {name: p.data for name, p in params.items()}
+    try:
+        for name, p in params.items():
+            p.data = values[name]
+        yield
+    finally:
+        for name, p in params.items():
+            p.data = saved[name]
+
+
+def save_values(module, values: dict, path: Path) -> None:
+    """Save per-parameter tensors (weights or gradients) as a torch_dist checkpoint."""
+    from megatron.core import dist_checkpointing
+
+    path.mkdir(parents=True, exist_ok=True)
+    with _params_hold(module, values):
+        dist_checkpointing.save(module.sharded_state_dict(), str(path))
+
+
+def load_values(module, path: Path) -> dict:
+    """This rank's shards of a torch_dist checkpoint, keyed by parameter name, resharded to
+    the current layout; the module's own weights are left untouched."""
+    from megatron.core import dist_checkpointing
+
+    fresh = {name: torch.zeros_like(p) for name, p in module.named_parameters()}
+    with _params_hold(module, fresh):
+        loaded = dist_checkpointing.load(module.sharded_state_dict(), str(path))
+        module.load_state_dict(loaded, strict=False)
+    return fresh
+
+
+def _weights(module) -> dict:
+    return {name: p.detach().clone() for name, p in module.named_parameters()}
+
+
+def _grads(ddp) -> dict:
+    return {name: p.main_grad.detach().clone() for name, p in ddp.module.named_parameters()}
+
+
+def _max_rel_diff(ours: dict, ref: dict) -> float:
+    worst = 0.0
+    for name, value in ours.items():
+        scale = max(1.0, ref[name].abs().max().item())
+        worst = max(worst, (value - ref[name]).abs().max().item() / scale)
+    return _global_max(worst)
+
+
+def _global_max(value: float) -> float:
+    t = torch.tensor([value])
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return t.item()
+
+
+def reference(workdir: Path, steps: int) -> None:
+    """Single-rank run: initial weights, step-0 gradients, per-step losses and final weights."""
+    layout = ParallelLayout()
+    initialize(layout, num_experts=NUM_EXPERTS)
+    from megatron_most.training.engine import forward_backward, wrap
+
+    model = build_model(layout)
+    save_values(model, _weights(model), workdir / "init")
+    ddp, optimizer = wrap(model, _optimizer_config(distributed=False))
+    ddp.zero_grad_buffer()
+    forward_backward(ddp, _forward_step, _batches(0), num_microbatches=GLOBAL // MICRO, seq_length=SEQ, micro_batch_size=MICRO)
+    save_values(model, _grads(ddp), workdir / "grads")
+    results = _run_steps(ddp, optimizer, 0, steps)
+    save_values(model, _weights(model), workdir / "final")
+    (workdir / "reference.json").write_text(json.dumps([r.__dict__ for r in results]))
+
+
+def _run_reference(workdir: Path, steps: int, timeout_s: float) -> str | None:
+    """Run `reference` in a fresh single-process job; return an error message or None."""
+    env = {k: v for k, v in os.environ.items() if k not in _TORCHRUN_VARS and not k.startswith("TORCHELASTIC_")}
+    if torch.cuda.is_available():
+        env["CUDA_VISIBLE_DEVICES"] = str(torch.cuda.current_device())
+    cmd = [sys.executable, "-m", "megatron_most.platform.selfcheck", "--reference", "--workdir", str(workdir), "--steps", str(steps)]
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return f"single-rank reference run timed out after {timeout_s:.0f}s"
+    if proc.returncode != 0:
+        return f"single-rank reference run failed:\n{proc.stderr[-4000:]}"
+    return None
+
+
+_TORCHRUN_VARS = {
+    "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "ROLE_NAME",
+    "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_WORLD_SIZE",
+}
+
+
+def _broadcast(obj):
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def check(layout: ParallelLayout, *, steps: int = 3, dist_opt: bool = True, workdir: str | None = None,
+          timeout_s: float = 600.0) -> dict:
+    """Run the comparison at `layout` (inside a torchrun job); returns the figures on every rank."""
+    initialize(layout, num_experts=NUM_EXPERTS, timeout_s=timeout_s)
+    from megatron.core import dist_checkpointing
+
+    from megatron_most.training.engine import forward_backward, wrap
+
+    rank = torch.distributed.get_rank()
+    with contextlib.ExitStack() as stack:
+        if rank == 0:
+            base = Path(workdir) if workdir else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="selfcheck_")))
+            done = (base / "reference.json").exists() and json.loads((base / "reference.json").read_text())
+            error = None if done and len(done) == steps else _run_reference(base, steps, timeout_s)
+            shared = (str(base), error)
+        else:
+            shared = None
+        base, error = _broadcast(shared)
+        if error:
+            raise RuntimeError(error)
+        base = Path(base)
+        ref = json.loads((base / "reference.json").read_text())
+
+        # 1. Gradients of one forward-backward with plain DDP.
+        model = build_model(layout)
+        model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), str(base / "init")), strict=False)
+        ddp, _ = wrap(model, _optimizer_config(distributed=False))
+        ddp.zero_grad_buffer()
+        dp = torch.distributed.get_world_size() // (layout.tp * layout.pp)
+        loss0 = forward_backward(ddp, _forward_step, _batches(0), num_microbatches=GLOBAL // (MICRO * dp), seq_length=SEQ, micro_batch_size=MICRO)
+        grad_diff = _max_rel_diff(_grads(ddp), load_values(model, base / "grads"))
+
+        # 2. Training steps with clipping and (optionally) the distributed optimizer.
+        model = build_model(layout)
+        model.load_state_dict(load_values(model, base / "init"), strict=False)
+        ddp, optimizer = wrap(model, _optimizer_config(distributed=dist_opt))
+        results = _run_steps(ddp, optimizer, 0, steps)
+        loss_diff = max(abs(r.loss - e["loss"]) / max(1.0, abs(e["loss"])) for r, e in zip(results, ref))
+        norm_diff = max(abs(r.grad_norm - e["grad_norm"]) / max(1.0, e["grad_norm"]) for r, e in zip(results, ref))
+        weight_diff = _max_rel_diff(_weights(model), load_values(model, base / "final"))
+
+        # 3. Save at this layout, reload into a fresh model, and check an exact round trip.
+        ckpt = base / f"ckpt_{layout.describe().replace(' ', '_')}"
+        if rank == 0:
+            ckpt.mkdir(exist_ok=True)
+        torch.distributed.barrier()
+        dist_checkpointing.save(model.sharded_state_dict(), str(ckpt))
+        reloaded = build_model(layout)
+        reloaded.load_state_dict(dist_checkpointing.load(reloaded.sharded_state_dict(), str(ckpt)), strict=False)
+        roundtrip_diff = _max_rel_diff(_weights(reloaded), _weights(model))
+        torch.distributed.barrier()
+
+    figures = dict(
+        loss_diff=max(abs(loss0 - ref[0]["loss"]), loss_diff),
+        grad_diff=max(grad_diff, norm_diff),
+        weight_diff=weight_diff,
+        roundtrip_diff=roundtrip_diff,
+        losses=[loss0] + [r.loss for r in results],
+        ref_losses=[e["loss"] for e in ref],
+        norms=[r.grad_norm for r in results],
+        ref_norms=[e["grad_norm"] for e in ref],
+    )
+    figures["passed"] = (
+        figures["loss_diff"] <= LOSS_TOL
+        and figures["grad_diff"] <= GRAD_TOL
+        and figures["weight_diff"] <= WEIGHT_TOL
+        and figures["roundtrip_diff"] == 0.0
+    )
+    return figures
+
+
+def summary_line(layout: ParallelLayout, figures: dict) -> str:
+    verdict = "PASS" if figures["passed"] else "FAIL"
+    return (
+        f"{verdict} {layout.describe()} world={torch.distributed.get_world_size()}: "
+        f"max loss diff {figures['loss_diff']:.2e}, max grad diff {figures['grad_diff']:.2e}, "
+        f"max weight diff {figures['weight_diff']:.2e}, checkpoint round trip {figures['roundtrip_diff']:.1e}"
+    )
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--ep", type=int, default=1)
+    p.add_argument("--etp", type=int, default=None, help="expert tensor parallel size (default: --tp)")
+    p.add_argument(
+        "--sp", action=argparse.BooleanOptionalAction, default=None,
+        help="sequence parallelism (default: on when --tp > 1, which Megatron-Core requires for MoE)",
+    )
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--dist-opt", choices=["on", "off"], default="on", help="distributed optimizer")
+    p.add_argument(
+        "--workdir", default=None,
+        help="directory visible to all ranks (needed across nodes; default: a temp dir); "
+        "a reference run already there is reused",
+    )
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds before a hung collective fails")
+    p.add_argument("--reference", action="store_true", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.reference:
+        reference(Path(args.workdir), args.steps)
+        return 0
+    sp = args.tp > 1 if args.sp is None else args.sp
+    layout = ParallelLayout(tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp, sp=sp)
+    figures = check(layout, steps=args.steps, dist_opt=args.dist_opt == "on", workdir=args.workdir, timeout_s=args.timeout)
+    if torch.distributed.get_rank() == 0:
+        print(summary_line(layout, figures), flush=True)
+        if os.environ.get("SELFCHECK_DEBUG"):
+            print(figures)
+    return 0 if figures["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

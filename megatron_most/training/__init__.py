@@ -1,0 +1,1 @@
+"""Training: Megatron-Core DDP + optimizer wiring and the training step."""

@@ -1,0 +1,26 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron_most",
+    version="0.1.0",
+    description="MoST (speech+text LLM with a Modality-Aware MoE) on Megatron-Core: TP/EP/PP/SP, CPU and GPU",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_most", "megatron_most.*"]),
+    install_requires=[
+        "torch==2.13.0",
+        "megatron-core==0.16.1",  # pinned: megatron_most.platform.version refuses any other
+        "psutil",  # megatron-core's checkpoint saves import it without declaring it
+        "numpy",
+        "safetensors",
+        "transformers>=5.0,<6",
+        "matplotlib",
+    ],
+    extras_require={
+        "gpu": ["transformer-engine[pytorch]", "nvidia-dali-cuda120"],
+        "dev": ["pytest>=8", "pytest-timeout"],
+    },
+)

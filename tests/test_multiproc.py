@@ -1,0 +1,76 @@
+"""A rank that fails, dies or hangs never leaves the others hanging."""
+
+import os
+import time
+
+import pytest
+
+from tests.multiproc import DistributedTestError, run_distributed
+
+
+def _one_rank_raises():
+    import torch
+
+    from megatron_most.platform import ParallelLayout, initialize
+
+    initialize(ParallelLayout())
+    if torch.distributed.get_rank() == 1:
+        raise ValueError("rank one is broken")
+    torch.distributed.barrier()  # would wait forever for rank 1
+
+
+def _one_rank_dies():
+    import torch
+
+    from megatron_most.platform import ParallelLayout, initialize
+
+    initialize(ParallelLayout())
+    if torch.distributed.get_rank() == 1:
+        os._exit(3)
+    torch.distributed.barrier()
+
+
+def _one_rank_hangs():
+    if int(os.environ["RANK"]) == 1:
+        time.sleep(600)
+
+
+def _collective_times_out():
+    import torch
+
+    from megatron_most.platform import ParallelLayout, initialize
+
+    initialize(ParallelLayout(), timeout_s=5)
+    if torch.distributed.get_rank() == 1:
+        time.sleep(30)
+        return "slept"
+    start = time.monotonic()
+    try:
+        torch.distributed.barrier()
+    except Exception as err:  # noqa: BLE001 - the point is that it raises
+        return f"{type(err).__name__} after {time.monotonic() - start:.0f}s: {err}"
+    return "barrier returned"
+
+
+def test_failing_rank_is_reported_and_others_killed():
+    start = time.monotonic()
+    with pytest.raises(DistributedTestError, match=r"(?s)rank 1 of 2 failed.*ValueError: rank one is broken"):
+        run_distributed(_one_rank_raises, 2, timeout_s=300)
+    assert time.monotonic() - start < 120
+
+
+def test_dead_rank_is_reported():
+    with pytest.raises(DistributedTestError, match=r"rank\(s\) \[1\] died without a result"):
+        run_distributed(_one_rank_dies, 2, timeout_s=300)
+
+
+def test_hanging_rank_times_out_with_message():
+    with pytest.raises(DistributedTestError, match=r"ranks \[1\] of 2 did not finish within 20s"):
+        run_distributed(_one_rank_hangs, 2, timeout_s=20)
+
+
+def test_collectives_time_out_instead_of_hanging():
+    waiting, sleeper = run_distributed(_collective_times_out, 2, timeout_s=120)
+    assert sleeper == "slept"
+    assert waiting != "barrier returned" and "after" in waiting, waiting
+    assert float(waiting.split(" after ")[1].split("s:")[0]) < 25
