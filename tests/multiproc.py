@@ -48,6 +48,15 @@ def _rank_main(body, args, kwargs, rank, world_size, port, results):
             shutdown()
 
 
+def _others(procs, done, failed=None) -> str:
+    states = []
+    for r, p in enumerate(procs):
+        if r == failed or r in done:
+            continue
+        states.append(f"rank {r} exited with code {p.exitcode}" if p.exitcode is not None else f"rank {r} running")
+    return ", ".join(states) or "no other rank outstanding"
+
+
 class DistributedTestError(AssertionError):
     pass
 
@@ -77,10 +86,15 @@ def run_distributed(body, world_size: int, args=(), kwargs=None, timeout_s: floa
             except queue.Empty:
                 dead = [r for r, p in enumerate(procs) if r not in done and not p.is_alive()]
                 if dead:
-                    raise DistributedTestError(f"{body.__name__}: rank(s) {dead} died without a result")
+                    raise DistributedTestError(
+                        f"{body.__name__}: rank(s) {dead} died without a result ({_others(procs, done)})"
+                    )
                 continue
             if not ok:
-                raise DistributedTestError(f"{body.__name__}: rank {rank} of {world_size} failed:\n{value}")
+                time.sleep(1.0)  # let a rank whose death caused this failure show its exit code
+                raise DistributedTestError(
+                    f"{body.__name__}: rank {rank} of {world_size} failed ({_others(procs, done, rank)}):\n{value}"
+                )
             done[rank] = value
     finally:
         for p in procs:
