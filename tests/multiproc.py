@@ -36,9 +36,9 @@ def _rank_main(body, args, kwargs, rank, world_size, port, results):
 
     torch.set_num_threads(1)
     try:
-        value = body(*args, **kwargs)
-        pickle.dumps(value)  # fail here, with a traceback, rather than in the queue's thread
-        results.put((rank, True, value))
+        # Plain pickle bytes: torch's queue pickler would share tensors through file descriptors
+        # that vanish when this process exits.
+        results.put((rank, True, pickle.dumps(body(*args, **kwargs))))
     except BaseException:  # noqa: BLE001 - report everything to the parent
         results.put((rank, False, traceback.format_exc()))
     finally:
@@ -95,7 +95,7 @@ def run_distributed(body, world_size: int, args=(), kwargs=None, timeout_s: floa
                 raise DistributedTestError(
                     f"{body.__name__}: rank {rank} of {world_size} failed ({_others(procs, done, rank)}):\n{value}"
                 )
-            done[rank] = value
+            done[rank] = pickle.loads(value)
     finally:
         for p in procs:
             p.join(timeout=10 if len(done) == world_size else 0)
