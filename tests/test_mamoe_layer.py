@@ -144,3 +144,34 @@ def test_layer_matches_plain_pytorch_reference(index, megatron_results):
     shared_only = 0 if case["variant"] == "no_shared" else None
     if shared_only == 0:  # padding contributes nothing: no routed output at all
         assert out.view(-1, HIDDEN)[pad_rows].abs().max() == 0
+
+
+def _recompute_modes():
+    from megatron_most.moe import stats
+    from megatron_most.platform import ParallelLayout, initialize
+    from megatron_most.platform import selfcheck
+
+    initialize(ParallelLayout(), num_experts=selfcheck.NUM_EXPERTS)
+    weights = None
+    results = {}
+    for mode in (None, "selective", "full"):
+        model = selfcheck.build_model(ParallelLayout(), mamoe=True, recompute=mode)
+        if weights is None:
+            weights = {k: v.clone() for k, v in model.state_dict().items() if torch.is_tensor(v)}
+        model.load_state_dict(weights, strict=False)
+        ddp, loss = selfcheck._backward_once(model, mamoe=True)
+        grads = {n: p.main_grad.clone() for n, p in ddp.module.named_parameters()}
+        results[str(mode)] = (loss, grads, stats.collect(model)["tokens"])
+    return results
+
+
+def test_recompute_reroutes_with_the_same_modality_ids():
+    results = run_distributed(_recompute_modes, 1)[0]
+    loss, grads, tokens = results["None"]
+    assert tokens.sum() > 0
+    for mode in ("selective", "full"):
+        other_loss, other_grads, other_tokens = results[mode]
+        assert other_loss == loss
+        for name, grad in grads.items():
+            assert torch.equal(other_grads[name], grad), (mode, name)
+        assert torch.equal(other_tokens, tokens), mode  # a recomputed forward is not counted twice

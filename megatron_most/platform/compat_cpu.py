@@ -9,9 +9,13 @@ schedules, grad clipping, optimizer flags), `.cuda()` calls, `torch.cuda.Stream`
 
 Rather than copy those files, `enable()` makes "the CUDA device" mean the CPU, in three parts:
 
-1. `_CudaMeansCpu`, a TorchFunctionMode: every CUDA device argument (`device="cuda"`,
-   `device=0`, `.cuda()`, `.to("cuda")`) becomes the CPU, `pin_memory` is dropped, and a CPU
-   tensor's `.type()` reads `torch.cuda.*` so the string checks take their fp32/bf16 branches.
+1. Device arguments: `_CudaMeansCpu` (a TorchFunctionMode) turns every CUDA device argument
+   of a torch call (`device="cuda"`, `.to("cuda")`, `torch.tensor(..., device="cuda")`) into
+   the CPU and drops `pin_memory`. Function modes are off inside autograd backward, where
+   activation recompute re-runs layer forwards, so `torch.autograd.backward` runs under
+   `_CudaMeansCpuInBackward`, a dispatch mode doing the same for aten ops. `Tensor.cuda()`
+   returns the tensor itself, and a CPU tensor's `.type()` reads `torch.cuda.*` so the
+   distributed optimizer's and grad clipping's string checks take their fp32/bf16 branches.
 2. `torch.cuda` stand-ins: `current_device()` is the CPU device, no-op `synchronize`/`empty_cache`, inert
    streams and events, and the "CUDA" RNG is the CPU default generator, so the model-parallel
    RNG tracker forks the generator that CPU dropout actually draws from.
@@ -29,38 +33,55 @@ import threading
 
 import torch
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 _lock = threading.Lock()
 _enabled = False
 
 
-def _is_cuda_device(device) -> bool:
-    if isinstance(device, bool):
-        return False
-    if isinstance(device, int):  # a bare index names a CUDA device
-        return True
+def _to_cpu(device):
     if isinstance(device, str):
-        return device.startswith("cuda")
-    return isinstance(device, torch.device) and device.type == "cuda"
+        return "cpu" if device.startswith("cuda") else device
+    if isinstance(device, torch.device) and device.type == "cuda":
+        return _CPU
+    return device
 
 
 class _CudaMeansCpu(TorchFunctionMode):
-    """Redirect CUDA device arguments of any torch call to the CPU."""
+    """Run torch calls that name a CUDA device (`device="cuda"`, `torch.tensor(..., device=
+    "cuda")`, `.to("cuda")`, `pin_memory=True`) on the CPU. Torch validates these arguments
+    before dispatch, so this has to act at the Python API level."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is torch.Tensor.cuda:
-            return args[0]
-        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
-            name = func(*args)
-            return name.replace("torch.", "torch.cuda.", 1) if args[0].device.type == "cpu" else name
-        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
-            kwargs["device"] = "cpu"
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs and args[0].device.type == "cpu":
+            return func(*args).replace("torch.", "torch.cuda.", 1)  # the optimizer's type checks
+        if "device" in kwargs:
+            kwargs["device"] = _to_cpu(kwargs["device"])
         if kwargs.get("pin_memory"):
             kwargs["pin_memory"] = False
-        if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
-            args = (args[0], "cpu", *args[2:])
+        if func is torch.Tensor.to and len(args) > 1:
+            args = (args[0], _to_cpu(args[1]), *args[2:])
         return func(*args, **kwargs)
+
+
+class _CudaMeansCpuInBackward(TorchDispatchMode):
+    """The same inside autograd backward, where function modes are off but activation
+    recompute re-runs whole layer forwards (e.g. the causal mask on `device="cuda"`)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if "device" in kwargs:
+            kwargs = {**kwargs, "device": _to_cpu(kwargs["device"])}
+        return func(*args, **kwargs)
+
+
+def _backward_on_cpu(original):
+    def backward(*args, **kwargs):
+        with _CudaMeansCpuInBackward():
+            return original(*args, **kwargs)
+
+    return backward
 
 
 class _InertStream:
@@ -119,8 +140,12 @@ def _set_cpu_rng_state(state, device=None, graph_safe=False):
 
 def _patch_torch_cuda() -> None:
     cuda = torch.cuda
-    # A device object, not an index: allocations made inside autograd backward (e.g. the
-    # all-to-all and gather mappings) run outside the function mode and must land on the CPU.
+    # Python bindings call _lazy_init for a CUDA device argument before dispatch; without it
+    # the op reaches _CudaMeansCpuInBackward, which moves it to the CPU.
+    cuda._lazy_init = lambda: None
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self  # CPU is the device
+    torch.autograd.backward = _backward_on_cpu(torch.autograd.backward)  # Tensor.backward calls it
+    # The CPU device, not an index: `device=torch.cuda.current_device()` then needs no rewrite.
     cuda.current_device = lambda: _CPU
     cuda.synchronize = lambda device=None: None
     cuda.empty_cache = lambda: None

@@ -13,6 +13,9 @@ one forward-backward (its gradients saved as a checkpoint too) and a few optimiz
 3. saves a torch_dist checkpoint at this layout, reloads it, and checks the weights and the
    loss round-trip exactly.
 
+With `--mamoe` the MoE layers are MAMoE (modality ids from the tokens, some padding), and the
+check also requires that no token reached an expert outside its modality group.
+
 Rank 0 prints one line: `PASS ...` or `FAIL ...` with the max loss / grad / weight differences.
 """
 
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import subprocess
@@ -45,14 +49,27 @@ LR * d / eps per step (3e-5 over 3 steps at d = GRAD_TOL), while a real bug (d >
 it by 1e-3 or more."""
 
 
-def build_model(layout: ParallelLayout):
-    """A 4-layer MoE GPT (first layer dense, shared expert, top-2 of 4 experts) for this stage."""
+def mamoe_config():
+    """MAMoE for the check: experts {0, 1} text, {2, 3} audio (the release's split in small), top-2.
+    With EP2 the balanced placement puts one text and one audio expert on each rank."""
+    from megatron_most.moe import MAMoEConfig
+
+    return MAMoEConfig(
+        num_experts=NUM_EXPERTS, text_experts=(0, 1), audio_experts=(2, 3), topk=2,
+        shared_expert_size=64, balance_loss="per_group", balance_coeff=1e-2,
+    )
+
+
+def build_model(layout: ParallelLayout, mamoe: bool = False, recompute: str | None = None):
+    """A 4-layer MoE GPT (first layer dense, shared expert, top-2 of 4 experts) for this stage;
+    with `mamoe`, its MoE layers are MAMoE. `recompute`: None, "selective" (MoE) or "full"."""
     import torch.nn.functional as F
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
     from megatron.core.transformer import TransformerConfig
 
     from megatron_most.model.spec import decoder_block_spec
+    from megatron_most.moe import mamoe_block_spec
 
     config = TransformerConfig(
         num_layers=4,
@@ -72,20 +89,16 @@ def build_model(layout: ParallelLayout):
         attention_dropout=0.0,
         params_dtype=torch.float32,
         pipeline_dtype=torch.float32,
-        num_moe_experts=NUM_EXPERTS,
         moe_layer_freq=[0, 1, 1, 1],
-        moe_router_topk=2,
         moe_ffn_hidden_size=32,
-        moe_shared_expert_intermediate_size=64,
-        moe_token_dispatcher_type="alltoall",
-        moe_router_load_balancing_type="aux_loss",
-        moe_aux_loss_coeff=1e-2,
-        moe_router_dtype="fp32",
+        **(mamoe_config().megatron_fields() if mamoe else _MOE_FIELDS),
+        **_RECOMPUTE[recompute],
         **fusion_settings(),
     )
+    spec = mamoe_block_spec(config, mamoe_config()) if mamoe else decoder_block_spec(config)
     return GPTModel(
         config,
-        decoder_block_spec(config),
+        spec,
         vocab_size=VOCAB,
         max_sequence_length=SEQ,
         pre_process=parallel_state.is_pipeline_first_stage(),
@@ -93,6 +106,22 @@ def build_model(layout: ParallelLayout):
         position_embedding_type="rope",
         share_embeddings_and_output_weights=False,
     )
+
+
+_MOE_FIELDS = dict(
+    num_moe_experts=NUM_EXPERTS,
+    moe_router_topk=2,
+    moe_shared_expert_intermediate_size=64,
+    moe_token_dispatcher_type="alltoall",
+    moe_router_load_balancing_type="aux_loss",
+    moe_aux_loss_coeff=1e-2,
+    moe_router_dtype="fp32",
+)
+_RECOMPUTE = {
+    None: {},
+    "selective": dict(recompute_granularity="selective", recompute_modules=["moe"]),
+    "full": dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
+}
 
 
 def _batches(step: int):
@@ -107,11 +136,23 @@ def _batches(step: int):
     return iter(mine.split(MICRO))
 
 
-def _forward_step(data_iterator, model):
+def modality_of(tokens: torch.Tensor) -> torch.Tensor:
+    """The check's modality rule: the upper half of the vocabulary is audio."""
+    return (tokens >= VOCAB // 2).long()
+
+
+def _forward_step(data_iterator, model, mamoe: bool = False):
+    from megatron_most.moe import pack_routing_info
+
     batch = next(data_iterator).to(next(model.parameters()).device)  # [micro, seq+1]
     tokens, labels = batch[:, :-1], batch[:, 1:]
     positions = torch.arange(SEQ, device=batch.device).expand_as(tokens)
-    output = model(tokens, positions, None, labels=labels)  # [micro, seq] per-token loss
+    routing = None
+    if mamoe:  # every stage gets the ids from its batch; the last 3 positions of row 0 are padding
+        padding = torch.zeros_like(tokens, dtype=torch.bool)
+        padding[0, -3:] = True
+        routing = pack_routing_info(modality_of(tokens), padding)
+    output = model(tokens, positions, None, labels=labels, padding_mask=routing)  # [micro, seq] loss
 
     def loss_func(per_token_loss):
         loss = per_token_loss.float().mean()
@@ -120,12 +161,32 @@ def _forward_step(data_iterator, model):
     return output, loss_func
 
 
-def _run_steps(ddp, optimizer, first_step: int, steps: int):
-    from megatron_most.training.engine import train_step
+def _schedule(dp: int) -> dict:
+    return dict(num_microbatches=GLOBAL // (MICRO * dp), seq_length=SEQ, micro_batch_size=MICRO)
 
-    dp = torch.distributed.get_world_size() // (ddp.config.tensor_model_parallel_size * ddp.config.pipeline_model_parallel_size)
-    kwargs = dict(num_microbatches=GLOBAL // (MICRO * dp), seq_length=SEQ, micro_batch_size=MICRO)
-    return [train_step(ddp, optimizer, _forward_step, _batches(first_step + s), **kwargs) for s in range(steps)]
+
+def _data_parallel_size(model) -> int:
+    config = model.config
+    return torch.distributed.get_world_size() // (config.tensor_model_parallel_size * config.pipeline_model_parallel_size)
+
+
+def _backward_once(model, mamoe: bool):
+    """Wrap `model` in DDP and run one forward-backward over the step-0 batch: (ddp, loss)."""
+    from megatron_most.training.engine import forward_backward, wrap
+
+    ddp, _ = wrap(model, _optimizer_config(distributed=False))
+    ddp.zero_grad_buffer()
+    step = functools.partial(_forward_step, mamoe=mamoe)
+    return ddp, forward_backward(ddp, step, _batches(0), **_schedule(_data_parallel_size(model)))
+
+
+def _train(model, mamoe: bool, steps: int, dist_opt: bool):
+    from megatron_most.training.engine import train_step, wrap
+
+    ddp, optimizer = wrap(model, _optimizer_config(distributed=dist_opt))
+    step = functools.partial(_forward_step, mamoe=mamoe)
+    kwargs = _schedule(_data_parallel_size(model))
+    return [train_step(ddp, optimizer, step, _batches(s), **kwargs) for s in range(steps)]
 
 
 def _optimizer_config(distributed: bool):
@@ -200,29 +261,28 @@ def _global_max(value: float) -> float:
     return t.item()
 
 
-def reference(workdir: Path, steps: int) -> None:
+def reference(workdir: Path, steps: int, mamoe: bool) -> None:
     """Single-rank run: initial weights, step-0 gradients, per-step losses and final weights."""
     layout = ParallelLayout()
     initialize(layout, num_experts=NUM_EXPERTS)
-    from megatron_most.training.engine import forward_backward, wrap
-
-    model = build_model(layout)
+    model = build_model(layout, mamoe)
     save_values(model, _weights(model), workdir / "init")
-    ddp, optimizer = wrap(model, _optimizer_config(distributed=False))
-    ddp.zero_grad_buffer()
-    forward_backward(ddp, _forward_step, _batches(0), num_microbatches=GLOBAL // MICRO, seq_length=SEQ, micro_batch_size=MICRO)
+    ddp, _ = _backward_once(model, mamoe)
     save_values(model, _grads(ddp), workdir / "grads")
-    results = _run_steps(ddp, optimizer, 0, steps)
+    model = build_model(layout, mamoe)
+    model.load_state_dict(load_values(model, workdir / "init"), strict=False)
+    results = _train(model, mamoe, steps, dist_opt=False)
     save_values(model, _weights(model), workdir / "final")
     (workdir / "reference.json").write_text(json.dumps([r.__dict__ for r in results]))
 
 
-def _run_reference(workdir: Path, steps: int, timeout_s: float) -> str | None:
+def _run_reference(workdir: Path, steps: int, mamoe: bool, timeout_s: float) -> str | None:
     """Run `reference` in a fresh single-process job; return an error message or None."""
     env = {k: v for k, v in os.environ.items() if k not in _TORCHRUN_VARS and not k.startswith("TORCHELASTIC_")}
     if torch.cuda.is_available():
         env["CUDA_VISIBLE_DEVICES"] = str(torch.cuda.current_device())
     cmd = [sys.executable, "-m", "megatron_most.platform.selfcheck", "--reference", "--workdir", str(workdir), "--steps", str(steps)]
+    cmd += ["--mamoe"] if mamoe else []
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
@@ -244,20 +304,20 @@ def _broadcast(obj):
     return box[0]
 
 
-def check(layout: ParallelLayout, *, steps: int = 3, dist_opt: bool = True, workdir: str | None = None,
-          timeout_s: float = 600.0) -> dict:
+def check(layout: ParallelLayout, *, steps: int = 3, dist_opt: bool = True, mamoe: bool = False,
+          workdir: str | None = None, timeout_s: float = 600.0) -> dict:
     """Run the comparison at `layout` (inside a torchrun job); returns the figures on every rank."""
     initialize(layout, num_experts=NUM_EXPERTS, timeout_s=timeout_s)
     from megatron.core import dist_checkpointing
 
-    from megatron_most.training.engine import forward_backward, wrap
-
     rank = torch.distributed.get_rank()
     with contextlib.ExitStack() as stack:
         if rank == 0:
-            base = Path(workdir) if workdir else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="selfcheck_")))
+            root = Path(workdir) if workdir else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="selfcheck_")))
+            base = root / ("mamoe" if mamoe else "moe")
+            base.mkdir(parents=True, exist_ok=True)
             done = (base / "reference.json").exists() and json.loads((base / "reference.json").read_text())
-            error = None if done and len(done) == steps else _run_reference(base, steps, timeout_s)
+            error = None if done and len(done) == steps else _run_reference(base, steps, mamoe, timeout_s)
             shared = (str(base), error)
         else:
             shared = None
@@ -268,22 +328,19 @@ def check(layout: ParallelLayout, *, steps: int = 3, dist_opt: bool = True, work
         ref = json.loads((base / "reference.json").read_text())
 
         # 1. Gradients of one forward-backward with plain DDP.
-        model = build_model(layout)
-        model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), str(base / "init")), strict=False)
-        ddp, _ = wrap(model, _optimizer_config(distributed=False))
-        ddp.zero_grad_buffer()
-        dp = torch.distributed.get_world_size() // (layout.tp * layout.pp)
-        loss0 = forward_backward(ddp, _forward_step, _batches(0), num_microbatches=GLOBAL // (MICRO * dp), seq_length=SEQ, micro_batch_size=MICRO)
+        model = build_model(layout, mamoe)
+        model.load_state_dict(load_values(model, base / "init"), strict=False)
+        ddp, loss0 = _backward_once(model, mamoe)
         grad_diff = _max_rel_diff(_grads(ddp), load_values(model, base / "grads"))
 
         # 2. Training steps with clipping and (optionally) the distributed optimizer.
-        model = build_model(layout)
+        model = build_model(layout, mamoe)
         model.load_state_dict(load_values(model, base / "init"), strict=False)
-        ddp, optimizer = wrap(model, _optimizer_config(distributed=dist_opt))
-        results = _run_steps(ddp, optimizer, 0, steps)
+        results = _train(model, mamoe, steps, dist_opt)
         loss_diff = max(abs(r.loss - e["loss"]) / max(1.0, abs(e["loss"])) for r, e in zip(results, ref))
         norm_diff = max(abs(r.grad_norm - e["grad_norm"]) / max(1.0, e["grad_norm"]) for r, e in zip(results, ref))
         weight_diff = _max_rel_diff(_weights(model), load_values(model, base / "final"))
+        routing = _routing_figures(model) if mamoe else {}
 
         # 3. Save at this layout, reload into a fresh model, and check an exact round trip.
         ckpt = base / f"ckpt_{layout.describe().replace(' ', '_')}"
@@ -291,7 +348,7 @@ def check(layout: ParallelLayout, *, steps: int = 3, dist_opt: bool = True, work
             ckpt.mkdir(exist_ok=True)
         torch.distributed.barrier()
         dist_checkpointing.save(model.sharded_state_dict(), str(ckpt))
-        reloaded = build_model(layout)
+        reloaded = build_model(layout, mamoe)
         reloaded.load_state_dict(dist_checkpointing.load(reloaded.sharded_state_dict(), str(ckpt)), strict=False)
         roundtrip_diff = _max_rel_diff(_weights(reloaded), _weights(model))
         torch.distributed.barrier()
@@ -303,16 +360,26 @@ def check(layout: ParallelLayout, *, steps: int = 3, dist_opt: bool = True, work
         roundtrip_diff=roundtrip_diff,
         losses=[loss0] + [r.loss for r in results],
         ref_losses=[e["loss"] for e in ref],
-        norms=[r.grad_norm for r in results],
-        ref_norms=[e["grad_norm"] for e in ref],
+        **routing,
     )
     figures["passed"] = (
         figures["loss_diff"] <= LOSS_TOL
         and figures["grad_diff"] <= GRAD_TOL
         and figures["weight_diff"] <= WEIGHT_TOL
         and figures["roundtrip_diff"] == 0.0
+        and figures.get("cross_group_tokens", 0) == 0
     )
     return figures
+
+
+def _routing_figures(model) -> dict:
+    """Tokens routed during training, and how many reached an expert of the other group."""
+    from megatron_most.moe import stats
+
+    text, audio = mamoe_config().groups()
+    tokens = stats.collect(model)["tokens"]  # [layers, modality, experts]
+    cross = tokens[:, 0, list(audio)].sum() + tokens[:, 1, list(text)].sum()
+    return dict(routed_tokens=int(tokens.sum().item()), cross_group_tokens=int(cross.item()))
 
 
 def summary_line(layout: ParallelLayout, figures: dict) -> str:
@@ -321,6 +388,10 @@ def summary_line(layout: ParallelLayout, figures: dict) -> str:
         f"{verdict} {layout.describe()} world={torch.distributed.get_world_size()}: "
         f"max loss diff {figures['loss_diff']:.2e}, max grad diff {figures['grad_diff']:.2e}, "
         f"max weight diff {figures['weight_diff']:.2e}, checkpoint round trip {figures['roundtrip_diff']:.1e}"
+        + (
+            f", MAMoE tokens routed {figures['routed_tokens']} / outside their group {figures['cross_group_tokens']}"
+            if "routed_tokens" in figures else ""
+        )
     )
 
 
@@ -342,6 +413,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "a reference run already there is reused",
     )
     p.add_argument("--timeout", type=float, default=600.0, help="seconds before a hung collective fails")
+    p.add_argument("--mamoe", action="store_true", help="use MAMoE layers (modality-aware routing)")
     p.add_argument("--reference", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -349,11 +421,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.reference:
-        reference(Path(args.workdir), args.steps)
+        reference(Path(args.workdir), args.steps, args.mamoe)
         return 0
     sp = args.tp > 1 if args.sp is None else args.sp
     layout = ParallelLayout(tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp, sp=sp)
-    figures = check(layout, steps=args.steps, dist_opt=args.dist_opt == "on", workdir=args.workdir, timeout_s=args.timeout)
+    figures = check(
+        layout, steps=args.steps, dist_opt=args.dist_opt == "on", mamoe=args.mamoe, workdir=args.workdir,
+        timeout_s=args.timeout,
+    )
     if torch.distributed.get_rank() == 0:
         print(summary_line(layout, figures), flush=True)
         if os.environ.get("SELFCHECK_DEBUG"):
