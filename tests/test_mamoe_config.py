@@ -275,3 +275,26 @@ def test_layer_rejects_missing_or_non_int8_routing_info(layer_errors):
     assert "must be int8 from pack_routing_info" in layer_errors["bool_mask"]
     assert "got no modality ids" in layer_errors["none"]
     assert layer_errors["ok"] is None
+
+
+def test_unset_group_is_the_complement_of_the_set_one():
+    from megatron_most.moe import MAMoEConfig
+
+    config = MAMoEConfig(num_experts=8, audio_experts=(0, 1, 2, 3), topk=2)
+    assert config.groups() == ((4, 5, 6, 7), (0, 1, 2, 3))
+
+
+def test_expert_indices_must_be_integers():
+    from megatron_most.moe import MAMoEConfig
+    from megatron_most.options import ConfigError
+
+    with pytest.raises(ConfigError, match=r"text_experts must hold integer expert indices, got \[0.0"):
+        MAMoEConfig(num_experts=8, text_experts=(0.0, 1.0, 2.0, 3.0), topk=2)
+
+
+def test_lists_from_json_become_tuples():
+    from megatron_most.moe import MAMoEConfig
+
+    config = MAMoEConfig.from_dict({"num_experts": 8, "text_experts": [0, 1, 2, 3], "topk": 2})
+    assert config.text_experts == (0, 1, 2, 3)
+    hash(config)  # frozen configs stay hashable

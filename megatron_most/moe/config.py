@@ -15,7 +15,8 @@ class MAMoEConfig:
     num_experts: int = 64
     """Routed experts in each MoE layer (DeepSeek-V2-Lite: 64)."""
     text_experts: tuple[int, ...] | None = None
-    """Expert indices of the text group; None = the first half (the release's 0..31 of 64)."""
+    """Expert indices of the text group; None = every expert not in `audio_experts`, or the
+    first half when neither is given (the release's 0..31 of 64)."""
     audio_experts: tuple[int, ...] | None = None
     """Expert indices of the audio group; None = every expert not in the text group."""
     topk: int = 6
@@ -43,6 +44,12 @@ class MAMoEConfig:
 
     def __post_init__(self):
         require(self.num_experts >= 2, f"MAMoEConfig.num_experts={self.num_experts}: need at least 2 experts")
+        for name in ("text_experts", "audio_experts"):
+            group = getattr(self, name)
+            if group is not None:
+                bad = [e for e in group if not isinstance(e, int) or isinstance(e, bool)]
+                require(not bad, f"MAMoEConfig.{name} must hold integer expert indices, got {bad}")
+                object.__setattr__(self, name, tuple(group))  # lists from YAML/JSON become tuples
         text, audio = self.groups()
         everything = set(range(self.num_experts))
         for name, group in (("text_experts", text), ("audio_experts", audio)):
@@ -69,12 +76,11 @@ class MAMoEConfig:
 
     def groups(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """(text expert indices, audio expert indices), sorted."""
-        text = self.text_experts if self.text_experts is not None else tuple(range(self.num_experts // 2))
-        audio = (
-            self.audio_experts
-            if self.audio_experts is not None
-            else tuple(e for e in range(self.num_experts) if e not in set(text))
-        )
+        text, audio = self.text_experts, self.audio_experts
+        if text is None:  # the complement of the audio group, or the release's first half
+            text = range(self.num_experts // 2) if audio is None else set(range(self.num_experts)) - set(audio)
+        if audio is None:
+            audio = set(range(self.num_experts)) - set(text)
         return tuple(sorted(text)), tuple(sorted(audio))
 
     @property

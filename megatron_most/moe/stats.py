@@ -98,7 +98,8 @@ def heatmap(stats: dict, path: str | Path, title: str = "MAMoE routing") -> Path
     for m, name in enumerate(MODALITIES):
         ax = axes[0, m]
         image = ax.imshow(share[:, m].numpy(), aspect="auto", cmap="viridis", vmin=0)
-        ax.set_title(f"{name} tokens ({int(tokens[:, m].sum().item() / max(1, len(stats['layers'])))} / layer)")
+        slots = int(tokens[:, m].sum().item() / max(1, len(stats["layers"])))
+        ax.set_title(f"{name}: {slots} routed slots / layer")
         ax.set_xlabel("expert")
         ax.set_ylabel("layer")
         ax.set_yticks(range(len(stats["layers"])), [str(layer) for layer in stats["layers"]])
