@@ -155,11 +155,11 @@ def _recompute_modes():
     weights = None
     results = {}
     for mode in (None, "selective", "full"):
-        model = selfcheck.build_model(ParallelLayout(), mamoe=True, recompute=mode)
+        model = selfcheck.build_model(ParallelLayout(), "mamoe", recompute=mode)
         if weights is None:
             weights = {k: v.clone() for k, v in model.state_dict().items() if torch.is_tensor(v)}
         model.load_state_dict(weights, strict=False)
-        ddp, loss = selfcheck._backward_once(model, mamoe=True)
+        ddp, loss = selfcheck._backward_once(model, "mamoe")
         grads = {n: p.main_grad.clone() for n, p in ddp.module.named_parameters()}
         results[str(mode)] = (loss, grads, stats.collect(model)["tokens"])
     return results

@@ -19,22 +19,20 @@ from tests.multiproc import run_distributed
 
 @pytest.fixture(scope="module")
 def reference_dir(tmp_path_factory) -> Path:
-    """Holds the single-rank references (moe/ and mamoe/), made once by the first check."""
+    """Holds the single-rank references (moe/, mamoe/, most/), made once by the first check."""
     return tmp_path_factory.mktemp("selfcheck")
 
 
-def _check(layout: dict, workdir: str, dist_opt: bool, mamoe: bool = False):
-    return selfcheck.check(
-        ParallelLayout(**layout), steps=3, dist_opt=dist_opt, mamoe=mamoe, workdir=workdir, timeout_s=300
-    )
+def _check(layout: dict, workdir: str, dist_opt: bool, kind: str = "moe"):
+    return selfcheck.check(ParallelLayout(**layout), steps=3, dist_opt=dist_opt, kind=kind, workdir=workdir, timeout_s=300)
 
 
-def _assert_agrees(figures: dict, mamoe: bool = False):
+def _assert_agrees(figures: dict, kind: str = "moe"):
     assert figures["loss_diff"] <= selfcheck.LOSS_TOL, figures
     assert figures["grad_diff"] <= selfcheck.GRAD_TOL, figures
     assert figures["weight_diff"] <= selfcheck.WEIGHT_TOL, figures
     assert figures["roundtrip_diff"] == 0.0, figures
-    if mamoe:  # tokens were routed, and none reached an expert of the other modality group
+    if kind != "moe":  # tokens were routed, and none reached an expert of the other modality group
         assert figures["routed_tokens"] > 0 and figures["cross_group_tokens"] == 0, figures
     assert figures["passed"]
 
@@ -51,21 +49,21 @@ FOUR_RANKS = {
 }
 
 
-@pytest.mark.parametrize("mamoe", [False, True], ids=["moe", "mamoe"])
+@pytest.mark.parametrize("kind", ["moe", "mamoe", "most"])
 @pytest.mark.parametrize("name", TWO_RANKS)
-def test_two_rank_layouts_match_single_rank(name, mamoe, reference_dir):
-    args = (TWO_RANKS[name], str(reference_dir), True, mamoe)
+def test_two_rank_layouts_match_single_rank(name, kind, reference_dir):
+    args = (TWO_RANKS[name], str(reference_dir), True, kind)
     for figures in run_distributed(_check, 2, args=args, timeout_s=600):
-        _assert_agrees(figures, mamoe)
+        _assert_agrees(figures, kind)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mamoe", [False, True], ids=["moe", "mamoe"])
+@pytest.mark.parametrize("kind", ["moe", "mamoe", "most"])
 @pytest.mark.parametrize("name", FOUR_RANKS)
-def test_four_rank_layouts_match_single_rank(name, mamoe, reference_dir):
-    args = (FOUR_RANKS[name], str(reference_dir), True, mamoe)
+def test_four_rank_layouts_match_single_rank(name, kind, reference_dir):
+    args = (FOUR_RANKS[name], str(reference_dir), True, kind)
     for figures in run_distributed(_check, 4, args=args, timeout_s=900):
-        _assert_agrees(figures, mamoe)
+        _assert_agrees(figures, kind)
 
 
 def test_plain_ddp_optimizer_matches_single_rank(reference_dir):
@@ -74,12 +72,12 @@ def test_plain_ddp_optimizer_matches_single_rank(reference_dir):
         _assert_agrees(figures)
 
 
-def _save_init_at(layout: dict, reference: str, out: str, mamoe: bool):
+def _save_init_at(layout: dict, reference: str, out: str, kind: str):
     from megatron.core import dist_checkpointing
 
     layout = ParallelLayout(**layout)
     selfcheck.initialize(layout, num_experts=selfcheck.NUM_EXPERTS)
-    model = selfcheck.build_model(layout, mamoe)
+    model = selfcheck.build_model(layout, kind)
     model.load_state_dict(selfcheck.load_values(model, Path(reference) / "init"), strict=False)
     if torch.distributed.get_rank() == 0:
         Path(out).mkdir()
@@ -87,26 +85,26 @@ def _save_init_at(layout: dict, reference: str, out: str, mamoe: bool):
     dist_checkpointing.save(model.sharded_state_dict(), out)
 
 
-def _reload_at_single_rank(reference: str, saved: str, mamoe: bool):
+def _reload_at_single_rank(reference: str, saved: str, kind: str):
     layout = ParallelLayout()
     selfcheck.initialize(layout, num_experts=selfcheck.NUM_EXPERTS)
-    model = selfcheck.build_model(layout, mamoe)
+    model = selfcheck.build_model(layout, kind)
     model.load_state_dict(selfcheck.load_values(model, Path(saved)), strict=False)
     expected = selfcheck.load_values(model, Path(reference) / "init")
     max_diff = max((p - expected[n]).abs().max().item() for n, p in model.named_parameters())
-    _, loss = selfcheck._backward_once(model, mamoe)
+    _, loss = selfcheck._backward_once(model, kind)
     return max_diff, loss, len(expected)
 
 
-@pytest.mark.parametrize("mamoe", [False, True], ids=["moe", "mamoe-balanced-placement"])
-def test_checkpoint_saved_at_tp2_ep2_reloads_at_tp1_ep1(mamoe, reference_dir, tmp_path):
-    reference = reference_dir / ("mamoe" if mamoe else "moe")
+@pytest.mark.parametrize("kind", ["moe", "mamoe"], ids=["moe", "mamoe-balanced-placement"])
+def test_checkpoint_saved_at_tp2_ep2_reloads_at_tp1_ep1(kind, reference_dir, tmp_path):
+    reference = reference_dir / kind
     if not (reference / "reference.json").exists():
         reference.mkdir(exist_ok=True)
-        assert selfcheck._run_reference(reference, 3, mamoe, 600) is None
+        assert selfcheck._run_reference(reference, 3, kind, 600) is None
     saved = str(tmp_path / "tp2ep2")
-    run_distributed(_save_init_at, 2, args=(dict(tp=2, ep=2, etp=1, sp=True), str(reference), saved, mamoe))
-    max_diff, loss, num_params = run_distributed(_reload_at_single_rank, 1, args=(str(reference), saved, mamoe))[0]
+    run_distributed(_save_init_at, 2, args=(dict(tp=2, ep=2, etp=1, sp=True), str(reference), saved, kind))
+    max_diff, loss, num_params = run_distributed(_reload_at_single_rank, 1, args=(str(reference), saved, kind))[0]
     import json
 
     reference_loss = json.loads((reference / "reference.json").read_text())[0]["loss"]

@@ -48,3 +48,4 @@ class Norm(torch.nn.Module):
         if self.kind == "RMSNorm":
             return F.rms_norm(x, shape, weight, self.eps)
         return F.layer_norm(x, shape, weight, self.bias, self.eps)
+

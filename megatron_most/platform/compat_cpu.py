@@ -184,12 +184,20 @@ def _patch_megatron() -> None:
 
 
 def patch_missing_transformer_engine() -> None:
-    """Without Transformer Engine, moe_utils never defines `te_general_gemm` and the router's
-    gating GEMM raises NameError (GPU or not); define it as absent so torch.mm is used."""
+    """Two 0.16.1 modules misjudge a missing Transformer Engine (GPU or not):
+    moe_utils never defines `te_general_gemm`, so the router's gating GEMM raises NameError;
+    multi_latent_attention imports Megatron's TE extension, which succeeds with mocks, so it sets
+    HAVE_TE=True and `isinstance(..., TELinear)` fails on the mock."""
+    import importlib.util
+
+    from megatron.core.transformer import multi_latent_attention
     from megatron.core.transformer.moe import moe_utils
 
+    if importlib.util.find_spec("transformer_engine") is not None:
+        return
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
+    multi_latent_attention.HAVE_TE = False
 
 
 def enable() -> None:

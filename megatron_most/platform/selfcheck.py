@@ -13,8 +13,9 @@ one forward-backward (its gradients saved as a checkpoint too) and a few optimiz
 3. saves a torch_dist checkpoint at this layout, reloads it, and checks the weights and the
    loss round-trip exactly.
 
-With `--mamoe` the MoE layers are MAMoE (modality ids from the tokens, some padding), and the
-check also requires that no token reached an expert outside its modality group.
+With `--model mamoe` the MoE layers are MAMoE (modality ids from the tokens, some padding); with
+`--model most` the model is the tiny MoST preset (MLA, MAMoE, unit tokens and continuous audio
+features). Both also require that no token reached an expert outside its modality group.
 
 Rank 0 prints one line: `PASS ...` or `FAIL ...` with the max loss / grad / weight differences.
 """
@@ -60,9 +61,30 @@ def mamoe_config():
     )
 
 
-def build_model(layout: ParallelLayout, mamoe: bool = False, recompute: str | None = None):
-    """A 4-layer MoE GPT (first layer dense, shared expert, top-2 of 4 experts) for this stage;
-    with `mamoe`, its MoE layers are MAMoE. `recompute`: None, "selective" (MoE) or "full"."""
+KINDS = ("moe", "mamoe", "most")
+"""moe: Megatron's MoE layers; mamoe: the same GPT with MAMoE layers; most: the tiny MoST preset
+(MLA, MAMoE, discrete units and continuous audio features in the batches)."""
+
+
+def num_experts(kind: str) -> int:
+    return most_config().mamoe.num_experts if kind == "most" else NUM_EXPERTS
+
+
+def most_config():
+    from megatron_most.model.config import tiny
+
+    return tiny()
+
+
+def build_model(layout: ParallelLayout, kind: str = "moe", recompute: str | None = None):
+    """The check's model for this pipeline stage. moe/mamoe: a 4-layer GPT (first layer dense,
+    shared expert, top-2 of 4 experts). `recompute`: None, "selective" (MoE) or "full"."""
+    if kind == "most":
+        from megatron_most.model.most import build_model as build_most
+
+        most = most_config()
+        return build_most(most, most.transformer_config(layout, **_RECOMPUTE[recompute]))
+    mamoe = kind == "mamoe"
     import torch.nn.functional as F
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
@@ -124,14 +146,17 @@ _RECOMPUTE = {
 }
 
 
-def _batches(step: int):
+def _batches(step: int, kind: str = "moe"):
     """This data-parallel rank's micro-batches of the global batch of `step`."""
     from megatron.core import parallel_state
 
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
     gen = torch.Generator().manual_seed(1000 + step)
-    tokens = torch.randint(0, VOCAB, (GLOBAL, SEQ + 1), generator=gen)  # [global_batch, seq+1]
+    if kind == "most":
+        tokens = _most_tokens(gen)
+    else:
+        tokens = torch.randint(0, VOCAB, (GLOBAL, SEQ + 1), generator=gen)  # [global_batch, seq+1]
     mine = tokens.chunk(dp_size)[dp_rank]
     return iter(mine.split(MICRO))
 
@@ -141,17 +166,17 @@ def modality_of(tokens: torch.Tensor) -> torch.Tensor:
     return (tokens >= VOCAB // 2).long()
 
 
-def _forward_step(data_iterator, model, mamoe: bool = False):
+def _forward_step(data_iterator, model, kind: str = "moe"):
     from megatron_most.moe import pack_routing_info
 
     batch = next(data_iterator).to(next(model.parameters()).device)  # [micro, seq+1]
     tokens, labels = batch[:, :-1], batch[:, 1:]
     positions = torch.arange(SEQ, device=batch.device).expand_as(tokens)
-    routing = None
-    if mamoe:  # every stage gets the ids from its batch; the last 3 positions of row 0 are padding
-        padding = torch.zeros_like(tokens, dtype=torch.bool)
-        padding[0, -3:] = True
-        routing = pack_routing_info(modality_of(tokens), padding)
+    padding = torch.zeros_like(tokens, dtype=torch.bool)
+    padding[0, -3:] = True  # every stage gets the ids from its batch; row 0 ends in padding
+    if kind == "most":
+        return _most_forward_step(model, tokens, labels, positions, padding)
+    routing = pack_routing_info(modality_of(tokens), padding) if kind == "mamoe" else None
     output = model(tokens, positions, None, labels=labels, padding_mask=routing)  # [micro, seq] loss
 
     def loss_func(per_token_loss):
@@ -159,6 +184,29 @@ def _forward_step(data_iterator, model, mamoe: bool = False):
         return loss, {"loss": loss.detach().clone()}  # the schedule rescales `loss` in place
 
     return output, loss_func
+
+
+def _most_forward_step(model, tokens, labels, positions, padding):
+    from megatron_most.model.loss import lm_loss
+
+    layout = most_config().tokens
+    frames = int((tokens == layout.feature).sum())
+    gen = torch.Generator().manual_seed(int(tokens.sum()))  # same micro-batch, same features
+    features = torch.randn(frames, most_config().audio_feature_dim, generator=gen)
+    output = model(tokens, positions, None, labels=labels, audio_features=features, padding_mask=padding)
+    return output, functools.partial(lm_loss, labels=labels, loss_mask=~padding, tokens=layout)
+
+
+def _most_tokens(gen: torch.Generator) -> torch.Tensor:
+    """[GLOBAL, SEQ + 1] MoST sequences: text, a continuous-feature span in even samples and a
+    discrete-unit span in odd ones."""
+    most = most_config()
+    layout = most.tokens
+    tokens = torch.randint(0, most.text_vocab_size, (GLOBAL, SEQ + 1), generator=gen)
+    tokens[0::2, 2], tokens[0::2, 3:9], tokens[0::2, 9] = layout.boa, layout.feature, layout.eoa
+    units = layout.unit(torch.randint(0, most.num_units, (GLOBAL // 2, 8), generator=gen))
+    tokens[1::2, 12], tokens[1::2, 13:21], tokens[1::2, 21] = layout.boa, units, layout.eoa
+    return tokens
 
 
 def _schedule(dp: int) -> dict:
@@ -170,23 +218,23 @@ def _data_parallel_size(model) -> int:
     return torch.distributed.get_world_size() // (config.tensor_model_parallel_size * config.pipeline_model_parallel_size)
 
 
-def _backward_once(model, mamoe: bool):
+def _backward_once(model, kind: str):
     """Wrap `model` in DDP and run one forward-backward over the step-0 batch: (ddp, loss)."""
     from megatron_most.training.engine import forward_backward, wrap
 
     ddp, _ = wrap(model, _optimizer_config(distributed=False))
     ddp.zero_grad_buffer()
-    step = functools.partial(_forward_step, mamoe=mamoe)
-    return ddp, forward_backward(ddp, step, _batches(0), **_schedule(_data_parallel_size(model)))
+    step = functools.partial(_forward_step, kind=kind)
+    return ddp, forward_backward(ddp, step, _batches(0, kind), **_schedule(_data_parallel_size(model)))
 
 
-def _train(model, mamoe: bool, steps: int, dist_opt: bool):
+def _train(model, kind: str, steps: int, dist_opt: bool):
     from megatron_most.training.engine import train_step, wrap
 
     ddp, optimizer = wrap(model, _optimizer_config(distributed=dist_opt))
-    step = functools.partial(_forward_step, mamoe=mamoe)
+    step = functools.partial(_forward_step, kind=kind)
     kwargs = _schedule(_data_parallel_size(model))
-    return [train_step(ddp, optimizer, step, _batches(s), **kwargs) for s in range(steps)]
+    return [train_step(ddp, optimizer, step, _batches(s, kind), **kwargs) for s in range(steps)]
 
 
 def _optimizer_config(distributed: bool):
@@ -248,10 +296,14 @@ def _grads(ddp) -> dict:
 
 
 def _max_rel_diff(ours: dict, ref: dict) -> float:
-    worst = 0.0
+    worst, worst_name = 0.0, None
     for name, value in ours.items():
         scale = max(1.0, ref[name].abs().max().item())
-        worst = max(worst, (value - ref[name]).abs().max().item() / scale)
+        diff = (value - ref[name]).abs().max().item() / scale
+        if diff > worst:
+            worst, worst_name = diff, name
+    if os.environ.get("SELFCHECK_DEBUG") and worst_name:
+        print(f"rank {torch.distributed.get_rank()}: largest difference {worst:.2e} in {worst_name}", flush=True)
     return _global_max(worst)
 
 
@@ -261,28 +313,28 @@ def _global_max(value: float) -> float:
     return t.item()
 
 
-def reference(workdir: Path, steps: int, mamoe: bool) -> None:
+def reference(workdir: Path, steps: int, kind: str) -> None:
     """Single-rank run: initial weights, step-0 gradients, per-step losses and final weights."""
     layout = ParallelLayout()
-    initialize(layout, num_experts=NUM_EXPERTS)
-    model = build_model(layout, mamoe)
+    initialize(layout, num_experts=num_experts(kind))
+    model = build_model(layout, kind)
     save_values(model, _weights(model), workdir / "init")
-    ddp, _ = _backward_once(model, mamoe)
+    ddp, _ = _backward_once(model, kind)
     save_values(model, _grads(ddp), workdir / "grads")
-    model = build_model(layout, mamoe)
+    model = build_model(layout, kind)
     model.load_state_dict(load_values(model, workdir / "init"), strict=False)
-    results = _train(model, mamoe, steps, dist_opt=False)
+    results = _train(model, kind, steps, dist_opt=False)
     save_values(model, _weights(model), workdir / "final")
     (workdir / "reference.json").write_text(json.dumps([r.__dict__ for r in results]))
 
 
-def _run_reference(workdir: Path, steps: int, mamoe: bool, timeout_s: float) -> str | None:
+def _run_reference(workdir: Path, steps: int, kind: str, timeout_s: float) -> str | None:
     """Run `reference` in a fresh single-process job; return an error message or None."""
     env = {k: v for k, v in os.environ.items() if k not in _TORCHRUN_VARS and not k.startswith("TORCHELASTIC_")}
     if torch.cuda.is_available():
         env["CUDA_VISIBLE_DEVICES"] = str(torch.cuda.current_device())
     cmd = [sys.executable, "-m", "megatron_most.platform.selfcheck", "--reference", "--workdir", str(workdir), "--steps", str(steps)]
-    cmd += ["--mamoe"] if mamoe else []
+    cmd += ["--model", kind]
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
@@ -304,20 +356,20 @@ def _broadcast(obj):
     return box[0]
 
 
-def check(layout: ParallelLayout, *, steps: int = 3, dist_opt: bool = True, mamoe: bool = False,
+def check(layout: ParallelLayout, *, steps: int = 3, dist_opt: bool = True, kind: str = "moe",
           workdir: str | None = None, timeout_s: float = 600.0) -> dict:
     """Run the comparison at `layout` (inside a torchrun job); returns the figures on every rank."""
-    initialize(layout, num_experts=NUM_EXPERTS, timeout_s=timeout_s)
+    initialize(layout, num_experts=num_experts(kind), timeout_s=timeout_s)
     from megatron.core import dist_checkpointing
 
     rank = torch.distributed.get_rank()
     with contextlib.ExitStack() as stack:
         if rank == 0:
             root = Path(workdir) if workdir else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="selfcheck_")))
-            base = root / ("mamoe" if mamoe else "moe")
+            base = root / kind
             base.mkdir(parents=True, exist_ok=True)
             done = (base / "reference.json").exists() and json.loads((base / "reference.json").read_text())
-            error = None if done and len(done) == steps else _run_reference(base, steps, mamoe, timeout_s)
+            error = None if done and len(done) == steps else _run_reference(base, steps, kind, timeout_s)
             shared = (str(base), error)
         else:
             shared = None
@@ -328,19 +380,19 @@ def check(layout: ParallelLayout, *, steps: int = 3, dist_opt: bool = True, mamo
         ref = json.loads((base / "reference.json").read_text())
 
         # 1. Gradients of one forward-backward with plain DDP.
-        model = build_model(layout, mamoe)
+        model = build_model(layout, kind)
         model.load_state_dict(load_values(model, base / "init"), strict=False)
-        ddp, loss0 = _backward_once(model, mamoe)
+        ddp, loss0 = _backward_once(model, kind)
         grad_diff = _max_rel_diff(_grads(ddp), load_values(model, base / "grads"))
 
         # 2. Training steps with clipping and (optionally) the distributed optimizer.
-        model = build_model(layout, mamoe)
+        model = build_model(layout, kind)
         model.load_state_dict(load_values(model, base / "init"), strict=False)
-        results = _train(model, mamoe, steps, dist_opt)
+        results = _train(model, kind, steps, dist_opt)
         loss_diff = max(abs(r.loss - e["loss"]) / max(1.0, abs(e["loss"])) for r, e in zip(results, ref))
         norm_diff = max(abs(r.grad_norm - e["grad_norm"]) / max(1.0, e["grad_norm"]) for r, e in zip(results, ref))
         weight_diff = _max_rel_diff(_weights(model), load_values(model, base / "final"))
-        routing = _routing_figures(model) if mamoe else {}
+        routing = _routing_figures(model, kind) if kind != "moe" else {}
 
         # 3. Save at this layout, reload into a fresh model, and check an exact round trip.
         ckpt = base / f"ckpt_{layout.describe().replace(' ', '_')}"
@@ -348,7 +400,7 @@ def check(layout: ParallelLayout, *, steps: int = 3, dist_opt: bool = True, mamo
             ckpt.mkdir(exist_ok=True)
         torch.distributed.barrier()
         dist_checkpointing.save(model.sharded_state_dict(), str(ckpt))
-        reloaded = build_model(layout, mamoe)
+        reloaded = build_model(layout, kind)
         reloaded.load_state_dict(dist_checkpointing.load(reloaded.sharded_state_dict(), str(ckpt)), strict=False)
         roundtrip_diff = _max_rel_diff(_weights(reloaded), _weights(model))
         torch.distributed.barrier()
@@ -372,11 +424,11 @@ def check(layout: ParallelLayout, *, steps: int = 3, dist_opt: bool = True, mamo
     return figures
 
 
-def _routing_figures(model) -> dict:
+def _routing_figures(model, kind: str) -> dict:
     """Tokens routed during training, and how many reached an expert of the other group."""
     from megatron_most.moe import stats
 
-    text, audio = mamoe_config().groups()
+    text, audio = (most_config().mamoe if kind == "most" else mamoe_config()).groups()
     tokens = stats.collect(model)["tokens"]  # [layers, modality, experts]
     cross = tokens[:, 0, list(audio)].sum() + tokens[:, 1, list(text)].sum()
     return dict(routed_tokens=int(tokens.sum().item()), cross_group_tokens=int(cross.item()))
@@ -413,7 +465,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         "a reference run already there is reused",
     )
     p.add_argument("--timeout", type=float, default=600.0, help="seconds before a hung collective fails")
-    p.add_argument("--mamoe", action="store_true", help="use MAMoE layers (modality-aware routing)")
+    p.add_argument(
+        "--model", choices=KINDS, default="moe",
+        help="moe: Megatron MoE GPT; mamoe: the same with MAMoE layers; most: the tiny MoST preset (MLA, "
+        "MAMoE, unit tokens and audio features)",
+    )
     p.add_argument("--reference", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -421,12 +477,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.reference:
-        reference(Path(args.workdir), args.steps, args.mamoe)
+        reference(Path(args.workdir), args.steps, args.model)
         return 0
     sp = args.tp > 1 if args.sp is None else args.sp
     layout = ParallelLayout(tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp, sp=sp)
     figures = check(
-        layout, steps=args.steps, dist_opt=args.dist_opt == "on", mamoe=args.mamoe, workdir=args.workdir,
+        layout, steps=args.steps, dist_opt=args.dist_opt == "on", kind=args.model, workdir=args.workdir,
         timeout_s=args.timeout,
     )
     if torch.distributed.get_rank() == 0:

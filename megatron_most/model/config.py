@@ -1,0 +1,168 @@
+"""MoST architecture options and presets (DeepSeek-V2-Lite numbers from MOST_SPEC.md)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+from megatron_most.model.vocab import TokenLayout, check_vocab
+from megatron_most.moe.config import MAMoEConfig
+from megatron_most.options import options, require
+from megatron_most.platform.layout import ParallelLayout
+
+
+@options
+class MoSTConfig:
+    num_layers: int = 27
+    """Decoder layers."""
+    hidden_size: int = 2048
+    """Model width."""
+    num_attention_heads: int = 16
+    """Attention heads."""
+    text_vocab_size: int = 102400
+    """Base tokenizer's vocabulary (audio markers and units are appended after it)."""
+    kv_lora_rank: int = 512
+    """MLA: width of the compressed key/value latent."""
+    qk_nope_head_dim: int = 128
+    """MLA: per-head query/key width without rotary embedding."""
+    qk_rope_head_dim: int = 64
+    """MLA: per-head query/key width with (YaRN) rotary embedding."""
+    v_head_dim: int = 128
+    """MLA: per-head value width."""
+    rope_theta: float = 10000.0
+    """RoPE base."""
+    rope_factor: float = 40.0
+    """YaRN scaling factor."""
+    original_max_position_embeddings: int = 4096
+    """YaRN: context length of the pre-scaling model."""
+    beta_fast: float = 32.0
+    """YaRN correction range (fast)."""
+    beta_slow: float = 1.0
+    """YaRN correction range (slow)."""
+    mscale: float = 0.707
+    """YaRN attention-temperature scale."""
+    mscale_all_dim: float = 0.707
+    """YaRN mscale over all dims (enters the softmax scale squared)."""
+    max_position_embeddings: int = 163840
+    """Longest context the position encoding is defined for."""
+    first_k_dense: int = 1
+    """Leading dense layers before the MoE layers (DeepSeek first_k_dense_replace)."""
+    dense_ffn_size: int = 10944
+    """SwiGLU width of the dense layers."""
+    moe_ffn_size: int = 1408
+    """SwiGLU width of each routed expert."""
+    rms_norm_eps: float = 1e-6
+    """RMSNorm epsilon."""
+    mamoe: MAMoEConfig = dataclasses.field(default_factory=lambda: MAMoEConfig(shared_expert_size=2 * 1408))
+    """Routed/shared experts and modality-aware routing (see moe.config)."""
+    num_units: int = 500
+    """Discrete audio units [Hu0]..[Hu{K-1}] added to the vocabulary; 0 = no discrete path."""
+    audio_feature_dim: int = 768
+    """Width of continuous HuBERT features projected into the model; 0 = no continuous path."""
+    seq_length: int = 4096
+    """Training sequence length (longer batches are refused)."""
+    init_std: float = 0.006
+    """Std of the normal weight init (DeepSeek-V2 initializer_range)."""
+
+    def __post_init__(self):
+        check_vocab(self.text_vocab_size, self.num_units)
+        require(
+            0 <= self.first_k_dense <= self.num_layers,
+            f"MoSTConfig.first_k_dense={self.first_k_dense}: must be within 0..num_layers={self.num_layers}",
+        )
+        require(self.audio_feature_dim >= 0, f"MoSTConfig.audio_feature_dim={self.audio_feature_dim}: must be >= 0")
+        require(
+            self.seq_length <= self.max_position_embeddings,
+            f"MoSTConfig.seq_length={self.seq_length} exceeds max_position_embeddings={self.max_position_embeddings}",
+        )
+
+    @property
+    def tokens(self) -> TokenLayout:
+        return TokenLayout(self.text_vocab_size, self.num_units)
+
+    def replace(self, **changes) -> "MoSTConfig":
+        return dataclasses.replace(self, **changes)
+
+    def transformer_config(self, layout: ParallelLayout | None = None, **overrides):
+        """Megatron's MLATransformerConfig for this architecture at `layout`."""
+        from megatron.core.transformer import MLATransformerConfig
+
+        from megatron_most.platform import fusion_settings
+
+        layout = layout or ParallelLayout()
+        fields = dict(
+            num_layers=self.num_layers,
+            hidden_size=self.hidden_size,
+            num_attention_heads=self.num_attention_heads,
+            ffn_hidden_size=self.dense_ffn_size,
+            moe_ffn_hidden_size=self.moe_ffn_size,
+            moe_layer_freq=[0] * self.first_k_dense + [1] * (self.num_layers - self.first_k_dense),
+            q_lora_rank=None,
+            kv_lora_rank=self.kv_lora_rank,
+            qk_head_dim=self.qk_nope_head_dim,
+            qk_pos_emb_head_dim=self.qk_rope_head_dim,
+            v_head_dim=self.v_head_dim,
+            qk_layernorm=True,  # the local MLA spec drops kv_a_layernorm without it
+            rope_type="yarn",
+            rotary_base=self.rope_theta,
+            rotary_scaling_factor=self.rope_factor,
+            original_max_position_embeddings=self.original_max_position_embeddings,
+            beta_fast=self.beta_fast,
+            beta_slow=self.beta_slow,
+            mscale=self.mscale,
+            mscale_all_dim=self.mscale_all_dim,
+            rotary_interleaved=False,
+            normalization="RMSNorm",
+            layernorm_epsilon=self.rms_norm_eps,
+            gated_linear_unit=True,
+            activation_func=F.silu,
+            add_bias_linear=False,
+            add_qkv_bias=False,
+            hidden_dropout=0.0,
+            attention_dropout=0.0,
+            init_method_std=self.init_std,
+            params_dtype=torch.float32,
+            pipeline_dtype=torch.float32,
+            tensor_model_parallel_size=layout.tp,
+            pipeline_model_parallel_size=layout.pp,
+            expert_model_parallel_size=layout.ep,
+            expert_tensor_parallel_size=layout.expert_tp,
+            sequence_parallel=layout.sp,
+            **self.mamoe.megatron_fields(),
+            **fusion_settings(),
+        )
+        fields.update(overrides)
+        return MLATransformerConfig(**fields)
+
+
+def deepseek_v2_lite_most() -> MoSTConfig:
+    """DeepSeek-V2-Lite + MAMoE (text experts 0..31, audio 32..63) + 500 units + 768-d features."""
+    return MoSTConfig()
+
+
+def deepseek_v2_lite() -> MoSTConfig:
+    """The text-only base model: vanilla MoE routing, no audio paths."""
+    base = MoSTConfig()
+    return base.replace(num_units=0, audio_feature_dim=0, mamoe=dataclasses.replace(base.mamoe, variant="vanilla"))
+
+
+def tiny() -> MoSTConfig:
+    """Same structure at a size that trains on a CPU in minutes."""
+    return MoSTConfig(
+        num_layers=4, hidden_size=64, num_attention_heads=4, text_vocab_size=256, kv_lora_rank=16,
+        qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, original_max_position_embeddings=64,
+        max_position_embeddings=2560, dense_ffn_size=128, moe_ffn_size=32, num_units=32, audio_feature_dim=16,
+        seq_length=256, init_std=0.02,
+        mamoe=MAMoEConfig(num_experts=8, topk=2, shared_expert_size=64, balance_coeff=0.01),
+    )
+
+
+PRESETS = {"deepseek_v2_lite_most": deepseek_v2_lite_most, "deepseek_v2_lite": deepseek_v2_lite, "tiny": tiny}
+
+
+def preset(name: str) -> MoSTConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}: choose one of {sorted(PRESETS)}")
+    return PRESETS[name]()

@@ -1,0 +1,110 @@
+"""MoSTModel: Megatron's GPTModel with MLA, MAMoE layers and the two audio input paths.
+
+Text tokens, discrete HuBERT unit tokens and continuous HuBERT features share one sequence:
+
+- Discrete path: units are vocabulary entries (moe.vocab.TokenLayout) embedded and predicted
+  like text; they carry modality 1.
+- Continuous path: each audio frame occupies one <feat> placeholder position between <boa> and
+  <eoa>; its feature vector [feature_dim] is projected to the hidden size and replaces the
+  placeholder's embedding. The sequence length never changes, so labels, loss mask, position
+  ids and modality ids stay aligned; placeholders carry modality 1 and are never targets.
+
+Modality ids derive from the token ids on every pipeline stage, so generation needs no extra
+input; they reach the MAMoE layers through Megatron's `padding_mask` argument (moe.layer).
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.models.gpt import GPTModel
+
+from megatron_most.model.config import MoSTConfig
+from megatron_most.moe import mamoe_block_spec, pack_routing_info
+from megatron_most.options import ConfigError
+
+
+class MoSTModel(GPTModel):
+    def __init__(self, most: MoSTConfig, config, *, pre_process: bool = True, post_process: bool = True, vp_stage=None):
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        if most.tokens.padded_size % tp:
+            raise ConfigError(
+                f"tensor-parallel size {tp} does not divide the padded vocabulary {most.tokens.padded_size}: "
+                "use a power-of-two TP size"
+            )
+        super().__init__(
+            config,
+            mamoe_block_spec(config, most.mamoe, vp_stage=vp_stage),
+            vocab_size=most.tokens.padded_size,
+            max_sequence_length=most.max_position_embeddings,
+            pre_process=pre_process,
+            post_process=post_process,
+            position_embedding_type="none",  # MLA applies its own YaRN rotary embedding
+            share_embeddings_and_output_weights=False,
+            scatter_embedding_sequence_parallel=False,  # audio frames go in before the SP scatter
+            vp_stage=vp_stage,
+        )
+        self.most = most
+        self.tokens = most.tokens
+        self.audio_projection = None
+        if pre_process and most.audio_feature_dim:
+            self.audio_projection = torch.nn.Linear(most.audio_feature_dim, config.hidden_size, bias=True)
+            config.init_method(self.audio_projection.weight)
+            torch.nn.init.zeros_(self.audio_projection.bias)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [batch, seq]
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        *,
+        audio_features: torch.Tensor | None = None,  # [frames, feature_dim], in placeholder order
+        padding_mask: torch.Tensor | None = None,  # [batch, seq] bool, True = padding
+        **kwargs,
+    ):
+        routing = pack_routing_info(self.tokens.modality(input_ids), padding_mask)
+        decoder_input = self.embed(input_ids, position_ids, audio_features) if self.pre_process else None
+        return super().forward(
+            input_ids, position_ids, attention_mask, decoder_input=decoder_input, labels=labels,
+            padding_mask=routing, **kwargs,
+        )
+
+    def embed(self, input_ids, position_ids, audio_features=None) -> torch.Tensor:
+        """Token embeddings with audio frames in place: [seq(/tp under SP), batch, hidden]."""
+        embeddings = self.embedding(input_ids=input_ids, position_ids=position_ids)  # [seq, batch, hidden]
+        placeholders = input_ids == self.tokens.feature  # [batch, seq]
+        if audio_features is not None or placeholders.any():
+            embeddings = self._place_audio(embeddings, placeholders, audio_features)
+        if self.config.sequence_parallel:
+            embeddings = tensor_parallel.scatter_to_sequence_parallel_region(embeddings)
+        return embeddings
+
+    def _place_audio(self, embeddings, placeholders, audio_features):
+        if self.audio_projection is None:
+            raise ValueError("input has <feat> positions or audio_features but the model has no continuous audio path (audio_feature_dim=0)")
+        if audio_features is None:
+            raise ValueError(f"input has {int(placeholders.sum())} <feat> positions but no audio_features were given")
+        if audio_features.dim() != 2 or audio_features.shape[1] != self.most.audio_feature_dim:
+            raise ValueError(
+                f"audio_features has shape {tuple(audio_features.shape)}, expected [frames, {self.most.audio_feature_dim}] "
+                "(MoSTConfig.audio_feature_dim)"
+            )
+        frames = int(placeholders.sum())
+        if audio_features.shape[0] != frames:
+            raise ValueError(f"audio_features has {audio_features.shape[0]} frames but the input has {frames} <feat> positions")
+        projected = self.audio_projection(audio_features.to(self.audio_projection.weight.dtype))  # [frames, hidden]
+        by_sample = embeddings.transpose(0, 1)  # [batch, seq, hidden]: frames are in sample order
+        placed = by_sample.masked_scatter(placeholders.unsqueeze(-1), projected.to(by_sample.dtype))
+        return placed.transpose(0, 1).contiguous()  # [seq, batch, hidden]
+
+
+def build_model(most: MoSTConfig, config, *, vp_stage=None) -> MoSTModel:
+    """The MoST model chunk for this pipeline stage."""
+    return MoSTModel(
+        most,
+        config,
+        pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+        post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+        vp_stage=vp_stage,
+    )
