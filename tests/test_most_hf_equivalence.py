@@ -60,7 +60,7 @@ def _compare():
     torch.manual_seed(SEED)
     state = hf_deepseek.most_state_dict(hf, build_model(most, most.transformer_config()))
     got = _logits(most, state, ids)
-    assert got.shape == (BATCH, SEQ, most.tokens.padded_size()), got.shape
+    assert got.shape == (BATCH, SEQ, most.tokens.padded_size), got.shape
 
     # negative control 1: YaRN factor 20 instead of 40 (changes the frequencies and the softmax scale)
     wrong_yarn = _logits(most.replace(rope_factor=20.0), state, ids)

@@ -34,6 +34,13 @@ def _assert_agrees(figures: dict, kind: str = "moe"):
     assert figures["roundtrip_diff"] == 0.0, figures
     if kind != "moe":  # tokens were routed, and none reached an expert of the other modality group
         assert figures["routed_tokens"] > 0 and figures["cross_group_tokens"] == 0, figures
+    if kind == "most":
+        # Each global batch (8 x 32) holds 4 x 6 feature frames + 4 x 8 unit tokens = 56 audio
+        # tokens and 12 padding positions: every MoE layer on every stage must see 56 audio and
+        # 188 text tokens per step, top-2, over 3 steps.
+        assert figures["routed_by_layer"] == {2: [1128, 336], 3: [1128, 336], 4: [1128, 336]}, figures
+        losses = figures["losses"][1:]
+        assert losses[0] > losses[1] > losses[2], losses  # the tiny MoST fits its batch
     assert figures["passed"]
 
 

@@ -27,8 +27,6 @@ def parse_args(argv=None):
                    help="number of GPUs (default: the smallest that fits, lcm(tp*pp, etp*ep*pp))")
     p.add_argument("--seq-len", type=int, default=None, help="sequence length for attention FLOPs (default: the preset's seq_length)")
     p.add_argument("--micro-batch", type=int, default=1, help="micro-batch size (sequences) for FLOPs per micro-batch")
-    p.add_argument("--spec", choices=("te", "local"), default="te",
-                   help="layer spec whose sharding to assume: te (Transformer Engine, GPUs) or local (default: te)")
     p.add_argument("--first-stage-layers", type=int, default=None, help="Megatron's num_layers_in_first_pipeline_stage")
     p.add_argument("--last-stage-layers", type=int, default=None, help="Megatron's num_layers_in_last_pipeline_stage")
     p.add_argument("--json", action="store_true", help="print the estimate as JSON instead of a table")
@@ -45,7 +43,7 @@ def main(argv=None) -> int:
         layout = ParallelLayout(tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp, sp=args.tp > 1)
         result = estimate(
             preset(args.preset), layout, name=args.preset, world_size=args.gpus, seq_len=args.seq_len,
-            micro_batch=args.micro_batch, spec=args.spec,
+            micro_batch=args.micro_batch,
             first_stage_layers=args.first_stage_layers, last_stage_layers=args.last_stage_layers,
         )
     except ConfigError as err:

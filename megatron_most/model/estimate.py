@@ -26,7 +26,6 @@ import contextlib
 import dataclasses
 import math
 import re
-from typing import Literal
 
 import torch
 
@@ -54,7 +53,7 @@ OPTIMIZER_BYTES = 12
 """Adam with the distributed optimizer: fp32 master weight + exp_avg + exp_avg_sq, sharded over DP."""
 
 # How a parameter is split across ranks (see Estimate for the rules).
-VOCAB, TP, TP_LOCAL, EXPERT, REPLICATED = "vocab", "tp", "tp_local_spec", "expert", "replicated"
+VOCAB, TP, EXPERT, REPLICATED = "vocab", "tp", "expert", "replicated"
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 
@@ -79,10 +78,10 @@ def categorize(name: str) -> tuple[str, str]:
         if "layernorm" in rest.split(".")[-2] or rest.endswith("layer_norm_weight") or rest.endswith("layer_norm_bias"):
             return "norms", REPLICATED  # input/pre-MLP/kv/q norms, also when TE fuses them into a linear
         if rest.startswith("self_attention."):
-            # The local spec builds the MLA down projections as ColumnParallelLinear (split over TP);
-            # the Transformer Engine spec builds them as duplicated TELinear (whole on every TP rank).
+            # MLA's down projections are whole on every TP rank: a duplicated TELinear in the
+            # Transformer Engine spec, model.linear.ReplicatedLinear in the local spec.
             down = ".linear_kv_down_proj." in rest or ".linear_q_down_proj." in rest
-            return "attention", TP_LOCAL if down else TP
+            return "attention", REPLICATED if down else TP
         if rest.startswith("mlp.router."):
             return "router", REPLICATED
         if rest.startswith("mlp.experts."):
@@ -98,7 +97,7 @@ def categorize(name: str) -> tuple[str, str]:
 
 @dataclasses.dataclass(frozen=True)
 class ParameterCounts:
-    """Parameter counts of the model as built at TP=PP=EP=1 (vocabulary padded for TP=1)."""
+    """Parameter counts of the model as built at TP=PP=EP=1 (vocabulary padded as at TP=1)."""
 
     layers: tuple[dict, ...]
     """Per decoder layer: {(category, rule): count}."""
@@ -160,8 +159,7 @@ def _local_spec():
 
     TE modules allocate their weights on the GPU whatever the default device is; the local
     modules honour `torch.device("meta")` under use_cpu_initialization. The parameter counts
-    are identical (TE only fuses the norms into the following linear); the one sharding
-    difference (MLA down projections) is a rule of `estimate`, not of the built model.
+    and their split over ranks are identical (TE only fuses the norms into the following linear).
     MoSTModel has no `use_te` argument, hence the patch of the spec module's lookup.
     """
     from megatron_most.model import spec
@@ -182,8 +180,9 @@ def build_meta_model(most: MoSTConfig):
 
     Megatron's linears allocate on `torch.cuda.current_device()` unless use_cpu_initialization
     is set, in which case they follow the default device (here: meta); perform_initialization
-    is off because there is nothing to initialise. Small non-parameter buffers (the YaRN
-    cos/sin caches, built on the CPU by Megatron whatever the default device) are allocated.
+    is off because there is nothing to initialise. Non-parameter buffers are still allocated:
+    Megatron builds the YaRN cos/sin caches on the CPU whatever the default device (about 2 MiB
+    per layer for DeepSeek-V2-Lite).
     Must run inside `_single_rank_groups`.
     """
     from megatron_most.model.most import build_model
@@ -224,7 +223,7 @@ class StageEstimate:
     layers: tuple[int, int]
     """Decoder layers [first, last) of this stage (0-based, as `decoder.layers.N`)."""
     params: int
-    """Parameters of the stage, whole (all TP/EP shards together; vocabulary padded for TP=1)."""
+    """Parameters of the stage, whole (all TP/EP shards together; vocabulary padded as at TP=1)."""
     params_per_gpu: int
     """Parameters one GPU of the stage holds: dense_params_per_gpu + expert_params_per_gpu."""
     dense_params_per_gpu: int
@@ -258,8 +257,8 @@ class Estimate:
         projection are on the first stage, the final norm and output layer on the last.
     Per-GPU shards (exact for the parameters Megatron splits evenly):
       - embedding / output layer: padded vocabulary * hidden / tp (`padded_vocab`),
-      - attention, dense MLP, shared experts: / tp; the MLA down projections (kv_down_proj) are
-        split over TP by the local spec but duplicated by the Transformer Engine spec (`spec`),
+      - attention, dense MLP, shared experts: / tp, except MLA's kv_down_proj, which is whole
+        on every TP rank (duplicated TELinear / model.linear.ReplicatedLinear),
       - routed experts: / (ep * etp),
       - router, norms, audio projection: replicated on every rank.
     Memory per GPU (model states only; activations, buffers, communication scratch and
@@ -288,7 +287,6 @@ class Estimate:
     world_size: int
     dp: int
     expert_dp: int
-    spec: str
     seq_len: int
     micro_batch: int
     categories: dict[str, int]
@@ -365,7 +363,7 @@ def stage_layers(most: MoSTConfig, layout: ParallelLayout, first: int | None = N
     return spans
 
 
-def check_layout(most: MoSTConfig, layout: ParallelLayout, spec: str = "te") -> None:
+def check_layout(most: MoSTConfig, layout: ParallelLayout) -> None:
     """ConfigError unless every tensor Megatron splits divides evenly at `layout`."""
     layout.check_experts(most.mamoe.num_experts)
     tp, etp = layout.tp, layout.expert_tp
@@ -376,8 +374,6 @@ def check_layout(most: MoSTConfig, layout: ParallelLayout, spec: str = "te") -> 
     ]
     if most.mamoe.has_shared_experts:
         checks.append(("mamoe.shared_expert_size", most.mamoe.shared_expert_size, tp, "--tp"))
-    if spec == "local":
-        checks.append(("kv_lora_rank + qk_rope_head_dim", most.kv_lora_rank + most.qk_rope_head_dim, tp, "--tp"))
     rows = padded_vocab(most, tp)
     checks.append(("tokens.padded_size (padded vocabulary)", rows, tp, "--tp"))
     for field, value, size, flag in checks:
@@ -399,7 +395,7 @@ def default_world_size(layout: ParallelLayout) -> int:
     return math.lcm(layout.tp * layout.pp, layout.expert_tp * layout.ep * layout.pp)
 
 
-def _per_gpu(counts: dict, most: MoSTConfig, layout: ParallelLayout, spec: str) -> tuple[int, int]:
+def _per_gpu(counts: dict, most: MoSTConfig, layout: ParallelLayout) -> tuple[int, int]:
     """(dense, expert) parameters one GPU holds of `counts` ({(category, rule): n} at TP=1)."""
     tp, shards = layout.tp, layout.ep * layout.expert_tp
     dense = expert = 0
@@ -408,7 +404,7 @@ def _per_gpu(counts: dict, most: MoSTConfig, layout: ParallelLayout, spec: str) 
             rows = padded_vocab(most, 1)
             require(n % rows == 0, f"estimate: {category} has {n} parameters, not a multiple of the vocabulary {rows}")
             dense += padded_vocab(most, tp) // tp * (n // rows)
-        elif rule == TP or (rule == TP_LOCAL and spec == "local"):
+        elif rule == TP:
             dense += n // tp
         elif rule == EXPERT:
             expert += n // shards
@@ -425,7 +421,6 @@ def estimate(
     world_size: int | None = None,
     seq_len: int | None = None,
     micro_batch: int = 1,
-    spec: Literal["te", "local"] = "te",
     first_stage_layers: int | None = None,
     last_stage_layers: int | None = None,
     counts: ParameterCounts | None = None,
@@ -436,12 +431,11 @@ def estimate(
     `count_parameters` result (it does not depend on the layout).
     """
     layout = layout or ParallelLayout()
-    require(spec in ("te", "local"), f"spec={spec!r}: choose 'te' (Transformer Engine, GPUs) or 'local'")
     seq_len = most.seq_length if seq_len is None else seq_len
     require(1 <= seq_len <= most.max_position_embeddings,
             f"seq_len={seq_len}: must be within 1..max_position_embeddings={most.max_position_embeddings}")
     require(micro_batch >= 1, f"micro_batch={micro_batch}: must be >= 1")
-    check_layout(most, layout, spec)
+    check_layout(most, layout)
     world_size = default_world_size(layout) if world_size is None else world_size
     require(world_size >= 1, f"world_size={world_size}: must be >= 1")
     dp = layout.dp(world_size)
@@ -471,7 +465,7 @@ def estimate(
         for piece in pieces:
             for key, n in piece.items():
                 part[key] = part.get(key, 0) + n
-        dense, expert = _per_gpu(part, most, layout, spec)
+        dense, expert = _per_gpu(part, most, layout)
         local = dense + expert
         stages.append(StageEstimate(
             stage=rank, layers=(start, end), params=sum(part.values()), params_per_gpu=local,
@@ -492,7 +486,7 @@ def estimate(
                      f"(totals above use {padded_vocab(most, 1)}, the TP=1 padding)")
     return Estimate(
         name=name, tp=layout.tp, pp=layout.pp, ep=layout.ep, etp=layout.expert_tp, world_size=world_size,
-        dp=dp, expert_dp=expert_dp, spec=spec, seq_len=seq_len, micro_batch=micro_batch,
+        dp=dp, expert_dp=expert_dp, seq_len=seq_len, micro_batch=micro_batch,
         categories=categories, total=total, active=active, stages=tuple(stages),
         matmul_flops_per_token=6 * matmul_params, attention_flops_per_token=attention_flops, notes=tuple(notes),
     )
@@ -518,7 +512,7 @@ def format_table(est: Estimate) -> str:
     lines += [title, "=" * len(title)]
     lines.append(
         f"layout  TP{est.tp} PP{est.pp} EP{est.ep} ETP{est.etp} on {est.world_size} GPUs "
-        f"(DP {est.dp}, expert DP {est.expert_dp}), {est.spec} spec, seq_len {est.seq_len}, micro-batch {est.micro_batch}"
+        f"(DP {est.dp}, expert DP {est.expert_dp}), seq_len {est.seq_len}, micro-batch {est.micro_batch}"
     )
     lines += ["", f"{'parameters':<22}{'count':>18}{'':>12}"]
     for category in CATEGORIES:

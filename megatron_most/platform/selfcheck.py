@@ -153,8 +153,8 @@ def _batches(step: int, kind: str = "moe"):
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
     gen = torch.Generator().manual_seed(1000 + step)
-    if kind == "most":
-        tokens = _most_tokens(gen)
+    if kind == "most":  # one fixed batch: the loss must fall as the model fits it
+        tokens = _most_tokens(torch.Generator().manual_seed(1000))
     else:
         tokens = torch.randint(0, VOCAB, (GLOBAL, SEQ + 1), generator=gen)  # [global_batch, seq+1]
     mine = tokens.chunk(dp_size)[dp_rank]
@@ -425,13 +425,19 @@ def check(layout: ParallelLayout, *, steps: int = 3, dist_opt: bool = True, kind
 
 
 def _routing_figures(model, kind: str) -> dict:
-    """Tokens routed during training, and how many reached an expert of the other group."""
+    """Tokens routed during training per MoE layer and modality, and how many reached an expert
+    of the other group."""
     from megatron_most.moe import stats
 
     text, audio = (most_config().mamoe if kind == "most" else mamoe_config()).groups()
-    tokens = stats.collect(model)["tokens"]  # [layers, modality, experts]
+    gathered = stats.collect(model)
+    tokens = gathered["tokens"]  # [layers, modality, experts]
     cross = tokens[:, 0, list(audio)].sum() + tokens[:, 1, list(text)].sum()
-    return dict(routed_tokens=int(tokens.sum().item()), cross_group_tokens=int(cross.item()))
+    return dict(
+        routed_tokens=int(tokens.sum().item()),
+        cross_group_tokens=int(cross.item()),
+        routed_by_layer={layer: tokens[i].sum(-1).long().tolist() for i, layer in enumerate(gathered["layers"])},
+    )
 
 
 def summary_line(layout: ParallelLayout, figures: dict) -> str:
