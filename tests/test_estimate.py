@@ -23,7 +23,8 @@ def hand_counts(most) -> dict:
     h, heads, L, k = most.hidden_size, most.num_attention_heads, most.num_layers, most.first_k_dense
     nope, rope, v, lora = most.qk_nope_head_dim, most.qk_rope_head_dim, most.v_head_dim, most.kv_lora_rank
     E, moe = most.mamoe.num_experts, L - k
-    vocab = most.text_vocab_size + 3 + most.num_units  # text + <boa> <eoa> <feat> + units
+    audio = most.num_units > 0 or most.audio_feature_dim > 0
+    vocab = most.text_vocab_size + (3 + most.num_units if audio else 0)  # text + <boa> <eoa> <feat> + units
     padded = -(-vocab // 128) * 128
     q_proj = h * heads * (nope + rope)
     kv_down = h * (lora + rope)
@@ -88,7 +89,8 @@ def test_deepseek_v2_lite_matches_published_size(counted):
     most = preset("deepseek_v2_lite")
     est = estimate(most, counts=counted["deepseek_v2_lite"])
     assert est.categories == hand_counts(most)
-    # 102400 text ids + 3 audio markers, padded to 102528 rows: 2 x 128 x 2048 over the HF model
+    # text only: exactly the HF model's 102400-row embedding and head
+    assert est.categories["embedding"] == est.categories["output_layer"] == 102400 * 2048
     assert abs(est.total - 15.7e9) / 15.7e9 < 0.01, est.total
     assert 2.2e9 <= est.active <= 2.6e9, est.active  # DeepSeek: "2.4B activated"
 
@@ -175,5 +177,9 @@ def test_cli_rejects_bad_layout_with_config_error(capsys):
     assert "27 layers do not split over pp=4" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="ep=3"):
         estimate(preset("tiny"), ParallelLayout(ep=3))
+    with pytest.raises(ConfigError, match="num_attention_heads=4 is not divisible by tp=3"):
+        estimate(preset("tiny"), ParallelLayout(tp=3, sp=True))
+    with pytest.raises(ConfigError, match="ep=3 does not divide num_experts=64"):
+        estimate(preset("deepseek_v2_lite_most"), ParallelLayout(ep=3))
     with pytest.raises(ConfigError, match="num_attention_heads=4 is not divisible by tp=3"):
         estimate(preset("tiny"), ParallelLayout(tp=3, sp=True))

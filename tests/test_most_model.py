@@ -76,6 +76,8 @@ def _bad_inputs():
         "frames": lambda: model(ids, None, None, audio_features=features[:6]),
         "dim": lambda: model(ids, None, None, audio_features=torch.randn(7, 15)),
         "missing": lambda: model(ids, None, None),
+        "span": lambda: model(ids, None, None, audio_features=features, audio_lengths=torch.tensor([4, 3])),
+        "unit": lambda: model(torch.full((1, 4), 291), None, None),
     }.items():
         try:
             call()
@@ -89,6 +91,8 @@ def test_bad_model_inputs_name_the_field():
     assert "6 frames but the input has 7 <feat> positions" in errors["frames"]
     assert "expected [frames, 16] (MoSTConfig.audio_feature_dim)" in errors["dim"]
     assert "7 <feat> positions but no audio_features" in errors["missing"]
+    assert "sample 0 audio span 0 (positions 2..8): 5 <feat> placeholders but audio_lengths gives 4" in errors["span"]
+    assert "sample 0 position 0: token id 291 is outside the vocabulary" in errors["unit"]
 
 
 def test_batch_validation_names_sample_and_field():

@@ -65,6 +65,9 @@ class MoSTConfig:
     """Training sequence length (longer batches are refused)."""
     init_std: float = 0.006
     """Std of the normal weight init (DeepSeek-V2 initializer_range)."""
+    validate_inputs: bool = True
+    """Check every batch on the first pipeline stage (token ids in range, <boa>/<eoa> pairs,
+    feature frames per span, sequence length) and name the sample on error; costs a host sync."""
 
     def __post_init__(self):
         check_vocab(self.text_vocab_size, self.num_units)
@@ -80,7 +83,7 @@ class MoSTConfig:
 
     @property
     def tokens(self) -> TokenLayout:
-        return TokenLayout(self.text_vocab_size, self.num_units)
+        return TokenLayout(self.text_vocab_size, self.num_units, audio=bool(self.num_units or self.audio_feature_dim))
 
     def replace(self, **changes) -> "MoSTConfig":
         return dataclasses.replace(self, **changes)
@@ -133,8 +136,22 @@ class MoSTConfig:
             **self.mamoe.megatron_fields(),
             **fusion_settings(),
         )
+        if not {"num_layers_in_first_pipeline_stage", "num_layers_in_last_pipeline_stage"} & set(overrides):
+            fields.update(self._pipeline_split(layout.pp))
         fields.update(overrides)
         return MLATransformerConfig(**fields)
+
+    def _pipeline_split(self, pp: int) -> dict:
+        """Layers that do not divide by PP (27 over 2 or 4): the remainder goes to the first and
+        last stages (first gets the extra one), the middle stages take num_layers // pp each."""
+        require(pp <= self.num_layers, f"pipeline-parallel size {pp} exceeds num_layers={self.num_layers}: lower pp")
+        if pp == 1 or self.num_layers % pp == 0:
+            return {}
+        base, rest = divmod(self.num_layers, pp)
+        return dict(
+            num_layers_in_first_pipeline_stage=base + (rest + 1) // 2,
+            num_layers_in_last_pipeline_stage=base + rest // 2,
+        )
 
 
 def deepseek_v2_lite_most() -> MoSTConfig:

@@ -153,28 +153,6 @@ def _single_rank_groups(most: MoSTConfig):
         shutdown()
 
 
-@contextlib.contextmanager
-def _local_spec():
-    """Build with Megatron's local (non-Transformer-Engine) modules whatever the machine has.
-
-    TE modules allocate their weights on the GPU whatever the default device is; the local
-    modules honour `torch.device("meta")` under use_cpu_initialization. The parameter counts
-    and their split over ranks are identical (TE only fuses the norms into the following linear).
-    MoSTModel has no `use_te` argument, hence the patch of the spec module's lookup.
-    """
-    from megatron_most.model import spec
-
-    if not hasattr(spec, "has_transformer_engine"):
-        yield
-        return
-    original = spec.has_transformer_engine
-    spec.has_transformer_engine = lambda: False
-    try:
-        yield
-    finally:
-        spec.has_transformer_engine = original
-
-
 def build_meta_model(most: MoSTConfig):
     """The whole MoSTModel (TP=PP=EP=1) with every parameter on the meta device (no storage).
 
@@ -188,8 +166,9 @@ def build_meta_model(most: MoSTConfig):
     from megatron_most.model.most import build_model
 
     config = most.transformer_config(ParallelLayout(), perform_initialization=False, use_cpu_initialization=True)
-    with _local_spec(), torch.device("meta"):
-        model = build_model(most, config)
+    # Local modules: TE allocates on the GPU whatever the default device; counts are identical.
+    with torch.device("meta"):
+        model = build_model(most, config, use_te=False)
     real = [name for name, p in model.named_parameters() if not p.is_meta]
     if real:
         raise RuntimeError(f"build_meta_model: parameters {real[:5]} were allocated off the meta device")
@@ -256,7 +235,7 @@ class Estimate:
         two fields set in the TransformerConfig to build such a split). The embedding and audio
         projection are on the first stage, the final norm and output layer on the last.
     Per-GPU shards (exact for the parameters Megatron splits evenly):
-      - embedding / output layer: padded vocabulary * hidden / tp (`padded_vocab`),
+      - embedding / output layer: padded vocabulary * hidden / tp (`TokenLayout.padded_size`),
       - attention, dense MLP, shared experts: / tp, except MLA's kv_down_proj, which is whole
         on every TP rank (duplicated TELinear / model.linear.ReplicatedLinear),
       - routed experts: / (ep * etp),
@@ -339,9 +318,6 @@ def stage_layers(most: MoSTConfig, layout: ParallelLayout, first: int | None = N
 
     n, pp = most.num_layers, layout.pp
     require(pp <= n, f"pipeline-parallel size {pp} exceeds the {n} decoder layers: lower --pp")
-    if pp > 1 and first is None and last is None and n % pp:
-        m, r = divmod(n, pp)
-        first, last = m + (r + 1) // 2, m + r // 2
     overrides = {}
     if pp > 1 and first is not None:
         overrides["num_layers_in_first_pipeline_stage"] = first
@@ -374,20 +350,10 @@ def check_layout(most: MoSTConfig, layout: ParallelLayout) -> None:
     ]
     if most.mamoe.has_shared_experts:
         checks.append(("mamoe.shared_expert_size", most.mamoe.shared_expert_size, tp, "--tp"))
-    rows = padded_vocab(most, tp)
+    rows = most.tokens.padded_size
     checks.append(("tokens.padded_size (padded vocabulary)", rows, tp, "--tp"))
     for field, value, size, flag in checks:
         require(value % size == 0, f"MoSTConfig.{field}={value} is not divisible by {flag.lstrip('-')}={size}: change {flag}")
-
-
-def padded_vocab(most: MoSTConfig, tp: int = 1) -> int:
-    """Rows of the embedding / output table the model builds at tensor-parallel size `tp`.
-
-    Follows `TokenLayout.padded_size`: a property (one padding for every TP size, which TP must
-    divide) or, in older versions, a method of the TP size (padding to 128 * tp).
-    """
-    padded = most.tokens.padded_size
-    return padded(tp) if callable(padded) else padded
 
 
 def default_world_size(layout: ParallelLayout) -> int:
@@ -401,9 +367,7 @@ def _per_gpu(counts: dict, most: MoSTConfig, layout: ParallelLayout) -> tuple[in
     dense = expert = 0
     for (category, rule), n in counts.items():
         if rule == VOCAB:
-            rows = padded_vocab(most, 1)
-            require(n % rows == 0, f"estimate: {category} has {n} parameters, not a multiple of the vocabulary {rows}")
-            dense += padded_vocab(most, tp) // tp * (n // rows)
+            dense += n // tp  # the padded vocabulary splits evenly over TP (checked at layout time)
         elif rule == TP:
             dense += n // tp
         elif rule == EXPERT:
@@ -477,13 +441,10 @@ def estimate(
     notes = []
     if layout.pp > 1 and most.num_layers % layout.pp and first_stage_layers is None and last_stage_layers is None:
         notes.append(
-            f"{most.num_layers} layers do not divide by pp={layout.pp}: assumed Megatron's uneven split "
-            f"num_layers_in_first_pipeline_stage={spans[0][1] - spans[0][0]}, "
-            f"num_layers_in_last_pipeline_stage={spans[-1][1] - spans[-1][0]} (set them in the TransformerConfig)"
+            f"{most.num_layers} layers do not divide by pp={layout.pp}: MoSTConfig.transformer_config splits them "
+            f"unevenly, num_layers_in_first_pipeline_stage={spans[0][1] - spans[0][0]}, "
+            f"num_layers_in_last_pipeline_stage={spans[-1][1] - spans[-1][0]}"
         )
-    if padded_vocab(most, layout.tp) != padded_vocab(most, 1):
-        notes.append(f"vocabulary padded to {padded_vocab(most, layout.tp)} rows for tp={layout.tp} "
-                     f"(totals above use {padded_vocab(most, 1)}, the TP=1 padding)")
     return Estimate(
         name=name, tp=layout.tp, pp=layout.pp, ep=layout.ep, etp=layout.expert_tp, world_size=world_size,
         dp=dp, expert_dp=expert_dp, seq_len=seq_len, micro_batch=micro_batch,

@@ -20,7 +20,8 @@ class ReplicatedLinear(torch.nn.Module):
     def __init__(self, input_size, output_size, *, config, init_method, bias=False, skip_bias_add=False, **_):
         super().__init__()
         self.weight = torch.nn.Parameter(torch.empty(output_size, input_size, dtype=config.params_dtype))
-        init_method(self.weight)
+        if config.perform_initialization:
+            init_method(self.weight)
         self.bias = torch.nn.Parameter(torch.zeros(output_size, dtype=config.params_dtype)) if bias else None
         self.skip_bias_add = skip_bias_add
         for param in self.parameters():

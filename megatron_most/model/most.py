@@ -25,7 +25,10 @@ from megatron_most.options import ConfigError
 
 
 class MoSTModel(GPTModel):
-    def __init__(self, most: MoSTConfig, config, *, pre_process: bool = True, post_process: bool = True, vp_stage=None):
+    def __init__(
+        self, most: MoSTConfig, config, *, pre_process: bool = True, post_process: bool = True, vp_stage=None,
+        use_te: bool | None = None,
+    ):
         tp = parallel_state.get_tensor_model_parallel_world_size()
         if most.tokens.padded_size % tp:
             raise ConfigError(
@@ -34,7 +37,7 @@ class MoSTModel(GPTModel):
             )
         super().__init__(
             config,
-            mamoe_block_spec(config, most.mamoe, vp_stage=vp_stage),
+            mamoe_block_spec(config, most.mamoe, vp_stage=vp_stage, use_te=use_te),
             vocab_size=most.tokens.padded_size,
             max_sequence_length=most.max_position_embeddings,
             pre_process=pre_process,
@@ -60,9 +63,12 @@ class MoSTModel(GPTModel):
         labels: torch.Tensor | None = None,
         *,
         audio_features: torch.Tensor | None = None,  # [frames, feature_dim], in placeholder order
+        audio_lengths: torch.Tensor | None = None,  # [spans] frames per <boa>..<eoa> span, if known
         padding_mask: torch.Tensor | None = None,  # [batch, seq] bool, True = padding
         **kwargs,
     ):
+        if self.pre_process and self.most.validate_inputs:
+            self.tokens.validate(input_ids, self.most.seq_length, audio_lengths)
         routing = pack_routing_info(self.tokens.modality(input_ids), padding_mask)
         decoder_input = self.embed(input_ids, position_ids, audio_features) if self.pre_process else None
         return super().forward(
@@ -99,12 +105,14 @@ class MoSTModel(GPTModel):
         return placed.transpose(0, 1).contiguous()  # [seq, batch, hidden]
 
 
-def build_model(most: MoSTConfig, config, *, vp_stage=None) -> MoSTModel:
-    """The MoST model chunk for this pipeline stage."""
+def build_model(most: MoSTConfig, config, *, vp_stage=None, use_te: bool | None = None) -> MoSTModel:
+    """The MoST model chunk for this pipeline stage (Transformer Engine modules when `use_te`,
+    default: when installed on a GPU machine)."""
     return MoSTModel(
         most,
         config,
         pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
         post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
         vp_stage=vp_stage,
+        use_te=use_te,
     )

@@ -25,6 +25,8 @@ from megatron_most.options import ConfigError
 class TokenLayout:
     text_vocab_size: int
     num_units: int
+    audio: bool = True
+    """False for a text-only model: no markers, no units, the table is the text vocabulary."""
     divisible_by: int = 128
 
     @property
@@ -46,7 +48,7 @@ class TokenLayout:
     @property
     def size(self) -> int:
         """Ids in use (text + markers + units), before padding."""
-        return self.first_unit + self.num_units
+        return self.first_unit + self.num_units if self.audio else self.text_vocab_size
 
     @property
     def padded_size(self) -> int:
@@ -84,7 +86,7 @@ class TokenLayout:
         for sample, row in enumerate(ids.tolist()):
             for span, (start, end) in enumerate(_audio_spans(row, self.boa, self.eoa, sample)):
                 frames = sum(1 for t in row[start + 1 : end] if t == self.feature)
-                if frames == 0:
+                if frames == 0 or feature_spans is None:
                     continue
                 expected = next(spans, None)
                 if expected is None:

@@ -32,7 +32,11 @@ def wrap(
     model: torch.nn.Module,
     optimizer_config: OptimizerConfig,
 ) -> tuple[DistributedDataParallel, object]:
-    """DDP-wrap `model` and build the Megatron optimizer for it; installs the schedule hooks."""
+    """Move `model` to this rank's device, DDP-wrap it and build the Megatron optimizer for it;
+    installs the schedule hooks."""
+    from megatron_most.platform import device
+
+    model.to(device())  # modules of ours (norms, audio projection) are built on the CPU
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=False,
