@@ -44,32 +44,20 @@ def _assert_agrees(figures: dict, kind: str = "moe"):
     assert figures["passed"]
 
 
-TWO_RANKS = {
-    "TP2+SP": dict(tp=2, sp=True),
-    "PP2": dict(pp=2),
-    "EP2": dict(ep=2),
-    "TP2xEP2": dict(tp=2, ep=2, etp=1, sp=True),
-}
-FOUR_RANKS = {
-    "PP2xEP2": dict(pp=2, ep=2),
-    "TP2xPP2xEP2": dict(tp=2, pp=2, ep=2, etp=1, sp=True),
-}
+LAYOUTS = [  # (ranks, layout); the 4-rank runs take a minute each
+    pytest.param(2, dict(tp=2, sp=True), id="TP2+SP"),
+    pytest.param(2, dict(pp=2), id="PP2"),
+    pytest.param(2, dict(ep=2), id="EP2"),
+    pytest.param(2, dict(tp=2, ep=2, etp=1, sp=True), id="TP2xEP2"),
+    pytest.param(4, dict(pp=2, ep=2), id="PP2xEP2", marks=pytest.mark.slow),
+    pytest.param(4, dict(tp=2, pp=2, ep=2, etp=1, sp=True), id="TP2xPP2xEP2", marks=pytest.mark.slow),
+]
 
 
 @pytest.mark.parametrize("kind", ["moe", "mamoe", "most"])
-@pytest.mark.parametrize("name", TWO_RANKS)
-def test_two_rank_layouts_match_single_rank(name, kind, reference_dir):
-    args = (TWO_RANKS[name], str(reference_dir), True, kind)
-    for figures in run_distributed(_check, 2, args=args, timeout_s=600):
-        _assert_agrees(figures, kind)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("kind", ["moe", "mamoe", "most"])
-@pytest.mark.parametrize("name", FOUR_RANKS)
-def test_four_rank_layouts_match_single_rank(name, kind, reference_dir):
-    args = (FOUR_RANKS[name], str(reference_dir), True, kind)
-    for figures in run_distributed(_check, 4, args=args, timeout_s=900):
+@pytest.mark.parametrize("ranks, layout", LAYOUTS)
+def test_layout_matches_single_rank(ranks, layout, kind, reference_dir):
+    for figures in run_distributed(_check, ranks, args=(layout, str(reference_dir), True, kind), timeout_s=900):
         _assert_agrees(figures, kind)
 
 
