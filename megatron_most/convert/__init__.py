@@ -1,0 +1,5 @@
+"""Checkpoint conversion: write Megatron-Core `torch_dist` checkpoints without holding the model."""
+
+from megatron_most.convert.writer import WriteStats, write_torch_dist
+
+__all__ = ["WriteStats", "write_torch_dist"]
