@@ -22,27 +22,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
 
+from megatron_most.convert.output import atomic_output, check_output
 from megatron_most.convert import mapping
 from megatron_most.convert.hf_reader import CheckpointError, HFCheckpoint
 from megatron_most.model.config import MoSTConfig
 
 CONFIG_NAME = "most_config.json"
-
-
-def check_output(out_dir: Path) -> None:
-    if out_dir.exists():
-        if not out_dir.is_dir():
-            raise FileExistsError(f"--out {out_dir} exists and is not a directory")
-        if (out_dir / "metadata.json").exists() or (out_dir / ".metadata").exists():
-            raise FileExistsError(f"--out {out_dir} already holds a checkpoint: refusing to overwrite it (remove it or choose another --out)")
-        if any(out_dir.iterdir()):
-            raise FileExistsError(f"--out {out_dir} is not empty: refusing to write a checkpoint into it")
 
 
 def _template_entries(template) -> dict:
@@ -143,21 +132,10 @@ def convert(hf_dir, out_dir, base: MoSTConfig, *, seed: int = 0, log=print):
             item, source, ckpt.get, shape, dtype, most, seed, get_row=ckpt.get_row))
         for item, source, shape, dtype in planned
     }
-    tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    log(f"converting {len(loaders)} tensors from {ckpt.dir} into {tmp.name}")
-    try:
+    with atomic_output(out_dir) as tmp:
+        log(f"converting {len(loaders)} tensors from {ckpt.dir} into {tmp.name}")
         stats = write_torch_dist(template, loaders, tmp)
         (tmp / CONFIG_NAME).write_text(json.dumps(dataclasses.asdict(most), indent=1, default=list))
-        check_output(out_dir)  # nothing appeared there meanwhile
-        if out_dir.exists():
-            out_dir.rmdir()  # empty (checked): rename replaces it
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log(f"wrote {out_dir}: {stats.entries} tensors, {stats.bytes / 2**20:.1f} MiB")
     return most, stats
 

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from megatron_most.convert.output import atomic_output, check_output
 from megatron_most.convert import mapping
 from megatron_most.convert.hf_to_megatron import CONFIG_NAME
 from megatron_most.model.config import MoSTConfig
@@ -375,14 +376,6 @@ def _umask() -> int:
     return mask
 
 
-def check_output(out_dir: Path) -> None:
-    if out_dir.exists():
-        if not out_dir.is_dir():
-            raise FileExistsError(f"--out {out_dir} exists and is not a directory")
-        if any(out_dir.iterdir()):
-            raise FileExistsError(f"--out {out_dir} exists and is not empty: refusing to write into it (remove it or choose another --out)")
-
-
 def copy_tokenizer(tokenizer_dir, out_dir: Path) -> list[str]:
     src = Path(tokenizer_dir)
     if not src.is_dir():
@@ -422,14 +415,9 @@ def export(megatron_dir, out_dir, *, tokenizer=None, max_shard_size=DEFAULT_MAX_
     if dtype not in _DTYPE_NAMES:
         raise ExportError(f"dtype {dtype}: choose one of {sorted(DTYPES)}")
 
-    tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp.mkdir()
     stats = ExportStats()
-    log(f"exporting {len(items)} tensors of {megatron_dir} into {tmp.name} ({_DTYPE_NAMES[dtype]}, shards <= {max_bytes} bytes)")
-    try:
+    with atomic_output(out_dir) as tmp:
+        log(f"exporting {len(items)} tensors of {megatron_dir} into {tmp.name} ({_DTYPE_NAMES[dtype]}, shards <= {max_bytes} bytes)")
         shards = _ShardWriter(tmp, max_bytes, stats)
         for item in items:
             tensor = reader.get(item.key)
@@ -442,13 +430,6 @@ def export(megatron_dir, out_dir, *, tokenizer=None, max_shard_size=DEFAULT_MAX_
         if tokenizer is not None:
             copied = copy_tokenizer(tokenizer, tmp)
             log(f"copied tokenizer files {copied}")
-        check_output(out_dir)  # nothing appeared there meanwhile
-        if out_dir.exists():
-            out_dir.rmdir()
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log(f"wrote {out_dir}: {stats.tensors} tensors in {stats.shards} shard(s), {stats.bytes / 2**20:.1f} MiB")
     return most, stats
 
