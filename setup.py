@@ -18,9 +18,15 @@ setup(
         "safetensors",
         "transformers>=5.0,<6",
         "matplotlib",
+        "nvidia-dali-cuda120",  # audio decoding/resampling; CPU pipelines run without a GPU
+        "soundfile",  # header probing and mp3 decoding (DALI's decoder lacks mp3)
+        "sentencepiece",
+        "scikit-learn",  # MiniBatchKMeans for the HuBERT unit codebook
+        "jiwer",
+        "tqdm",
     ],
     extras_require={
-        "gpu": ["transformer-engine[pytorch]", "nvidia-dali-cuda120"],
+        "gpu": ["transformer-engine[pytorch]"],
         "dev": ["pytest>=8", "pytest-timeout"],
     },
 )
