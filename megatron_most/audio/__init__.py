@@ -1,0 +1,7 @@
+"""Audio side of the data path: files -> 16 kHz waveforms (DALI) -> frozen HuBERT features -> k-means units."""
+
+from megatron_most.audio.hubert import HubertEncoder
+from megatron_most.audio.loading import AudioLoader, AudioOptions
+from megatron_most.audio.units import UnitCodebook, dedup_units, fit_codebook
+
+__all__ = ["AudioLoader", "AudioOptions", "HubertEncoder", "UnitCodebook", "dedup_units", "fit_codebook"]

@@ -1,0 +1,1 @@
+"""Audio-text data: manifests, tokenizers, prompt templates, preprocessing and training datasets."""
