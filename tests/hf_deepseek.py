@@ -33,53 +33,15 @@ import torch
 
 
 def hf_config(most):
-    """The DeepseekV2Config (transformers 5) with `most`'s numbers; text-only, vanilla routing."""
+    """The DeepseekV2Config (transformers 5) with `most`'s numbers; text-only, vanilla routing.
+    The field mapping is the converter's (mapping.hf_config_fields); the model is transformers'."""
     from transformers import DeepseekV2Config
 
-    mamoe = most.mamoe
-    if mamoe.modality_routing:
+    from megatron_most.convert.mapping import hf_config_fields
+
+    if most.mamoe.modality_routing:
         raise ValueError("DeepSeek-V2 routes without modality masking: use MAMoEConfig(variant='vanilla')")
-    if mamoe.shared_expert_size % most.moe_ffn_size:
-        raise ValueError(
-            f"shared_expert_size={mamoe.shared_expert_size} is not a multiple of moe_ffn_size={most.moe_ffn_size}: "
-            "DeepSeek's shared experts are n_shared_experts * moe_intermediate_size wide"
-        )
-    return DeepseekV2Config(
-        vocab_size=most.text_vocab_size,
-        hidden_size=most.hidden_size,
-        intermediate_size=most.dense_ffn_size,
-        num_hidden_layers=most.num_layers,
-        num_attention_heads=most.num_attention_heads,
-        num_key_value_heads=most.num_attention_heads,
-        q_lora_rank=None,
-        kv_lora_rank=most.kv_lora_rank,
-        qk_nope_head_dim=most.qk_nope_head_dim,
-        qk_rope_head_dim=most.qk_rope_head_dim,
-        v_head_dim=most.v_head_dim,
-        n_routed_experts=mamoe.num_experts,
-        num_experts_per_tok=mamoe.topk,
-        moe_intermediate_size=most.moe_ffn_size,
-        n_shared_experts=mamoe.shared_expert_size // most.moe_ffn_size,
-        first_k_dense_replace=most.first_k_dense,
-        topk_method="greedy",
-        norm_topk_prob=False,
-        routed_scaling_factor=1.0,
-        rms_norm_eps=most.rms_norm_eps,
-        tie_word_embeddings=False,
-        max_position_embeddings=most.max_position_embeddings,
-        rope_parameters=dict(
-            rope_type="yarn",
-            rope_theta=most.rope_theta,
-            factor=most.rope_factor,
-            original_max_position_embeddings=most.original_max_position_embeddings,
-            beta_fast=most.beta_fast,
-            beta_slow=most.beta_slow,
-            mscale=most.mscale,
-            mscale_all_dim=most.mscale_all_dim,
-        ),
-        attention_dropout=0.0,
-        attn_implementation="eager",
-    )
+    return DeepseekV2Config(**hf_config_fields(most), attn_implementation="eager")
 
 
 def hf_model(most, seed: int = 0, scale: float = 0.08):

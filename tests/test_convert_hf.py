@@ -5,7 +5,8 @@ save_pretrained in several shards (per-expert tensor names, as on the hub), conv
 text-only preset and with the tiny MAMoE preset, and:
 - at TP1 the converted MoSTModel's logits match the HF model's (< 1e-4); the MAMoE conversion
   copies experts by index, the router as is, and seeds the new vocabulary rows / projection;
-- at TP2+SP and EP2 (2 ranks) the checkpoint reshards and the logits still match;
+- a bf16 source is written in bf16 (fp32 with --dtype fp32), and --verify passes for both;
+- at TP2+SP, EP2 and PP2 (2 ranks) the checkpoint reshards and the logits still match;
 - the table's Megatron keys are exactly the model's; both rope config forms give one MoSTConfig;
 - bad input fails with a clear error and leaves no checkpoint: missing shard, truncated shard,
   index naming an absent tensor, wrong expert count / hidden size in config.json, existing --out.
@@ -68,11 +69,9 @@ def _single(root: str) -> dict:
     out: dict = {"shards": len(shards), "per_expert": "model.layers.1.mlp.experts.3.gate_proj.weight" in index["weight_map"]}
 
     # the command line tool, with --verify
-    import importlib.util
+    from tests.test_convert_to_hf import _tool
 
-    spec = importlib.util.spec_from_file_location("convert_checkpoint", Path(__file__).parent.parent / "tools" / "convert_checkpoint.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = _tool()
     out["cli_rc"] = tool.main(["hf-to-megatron", "--hf", str(hf_dir), "--out", str(root / "text"), "--preset", "deepseek_v2_lite", "--verify"])
     out["cli_again"] = tool.main(["hf-to-megatron", "--hf", str(hf_dir), "--out", str(root / "text"), "--preset", "deepseek_v2_lite"])
 
@@ -145,6 +144,12 @@ def _single(root: str) -> dict:
         got = model(input_ids=ids, position_ids=None, attention_mask=None)
     out["fused_bf16_diff"] = (got[..., : most.text_vocab_size] - expected_bf16).abs().max().item()
     out["bf16_rounding_visible"] = (expected_bf16 - expected).abs().max().item()
+    # written in the source's bf16 by default, fp32 on request; --verify passes for both
+    out["fused_dtypes"] = _stored_dtypes(root / "fused_out")
+    for name, extra in (("bf16", []), ("fp32", ["--dtype", "fp32"])):
+        rc = tool.main(["hf-to-megatron", "--hf", str(fused_dir), "--out", str(root / f"fused_{name}"), "--preset",
+                        "deepseek_v2_lite", "--verify", *extra])
+        out[f"fused_{name}_cli"] = (rc, _stored_dtypes(root / f"fused_{name}"))
 
     # bad input: each on a copy of the HF directory; none may leave a checkpoint behind
     def copy(name):
@@ -195,6 +200,14 @@ def _single(root: str) -> dict:
     return out
 
 
+def _stored_dtypes(directory: Path) -> set[str]:
+    """dtypes of the tensors stored in a torch_dist checkpoint (from its DCP metadata)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    metadata = FileSystemReader(str(directory)).read_metadata().state_dict_metadata
+    return {str(v.properties.dtype) for v in metadata.values() if hasattr(v, "properties")}
+
+
 def _resharded(root: str) -> dict:
     """Rank body (2 ranks): the text checkpoint at TP2+SP and EP2 gives the HF logits."""
     from megatron_most.convert.hf_to_megatron import load_into
@@ -210,21 +223,44 @@ def _resharded(root: str) -> dict:
     converted = _tiny().replace(seq_length=cfg["seq_length"], init_std=cfg["init_std"])
     assert isinstance(converted, MoSTConfig)
     diffs = {}
-    for name, layout in (("TP2+SP", ParallelLayout(tp=2, sp=True)), ("EP2", ParallelLayout(ep=2))):
+    layouts = (("TP2+SP", ParallelLayout(tp=2, sp=True)), ("EP2", ParallelLayout(ep=2)), ("PP2", ParallelLayout(pp=2)))
+    for name, layout in layouts:
         initialize(layout, num_experts=most.mamoe.num_experts)
         torch.manual_seed(SEED)
         model = build_model(converted, converted.transformer_config(layout), use_te=False).eval()
         load_into(model, Path(root) / "text")
-        with torch.no_grad():
-            got = model(input_ids=ids, position_ids=None, attention_mask=None)  # [b, s, padded vocab / tp]
         from megatron.core import parallel_state
 
+        with torch.no_grad():
+            if layout.pp == 1:
+                got = model(input_ids=ids, position_ids=None, attention_mask=None)  # [b, s, padded vocab / tp]
+            else:
+                got = _pipelined_forward(model, ids, converted.hidden_size)
+        if got is None:  # a pipeline stage without logits
+            continue
         tp, rank = layout.tp, parallel_state.get_tensor_model_parallel_rank()
         width = converted.tokens.padded_size // tp
         columns = torch.arange(rank * width, (rank + 1) * width)
         keep = columns < most.text_vocab_size
         diffs[name] = (got[..., keep] - expected[..., columns[keep]]).abs().max().item()
     return diffs
+
+
+def _pipelined_forward(model, ids, hidden):
+    """Forward through a 2-stage pipeline by hand: stage 0 sends its hidden states [s, b, h] to
+    stage 1, which returns the logits; stage 0 returns None."""
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_pipeline_model_parallel_group()
+    first, last = parallel_state.get_pipeline_model_parallel_first_rank(), parallel_state.get_pipeline_model_parallel_last_rank()
+    if parallel_state.is_pipeline_first_stage():
+        out = model(input_ids=ids, position_ids=None, attention_mask=None)
+        torch.distributed.send(out.contiguous(), dst=last, group=group)
+        return None
+    received = torch.empty(ids.shape[1], ids.shape[0], hidden)
+    torch.distributed.recv(received, src=first, group=group)
+    model.set_input_tensor(received)
+    return model(input_ids=ids, position_ids=None, attention_mask=None)
 
 
 @pytest.fixture(scope="module")
@@ -263,6 +299,13 @@ def test_converted_logits_match_hf_at_tp1(single):
 def test_fused_bf16_single_file_layout(single):
     _, r = single
     assert r["fused_bf16_diff"] < TOLERANCE < r["bf16_rounding_visible"], r
+
+
+def test_output_dtype_follows_source_or_option(single):
+    _, r = single
+    assert r["fused_dtypes"] == {"torch.bfloat16"}, r
+    assert r["fused_bf16_cli"] == (0, {"torch.bfloat16"}), r  # --verify PASS (compared in fp32)
+    assert r["fused_fp32_cli"] == (0, {"torch.float32"}), r
 
 
 HUB_CONFIG = {  # deepseek-ai/DeepSeek-V2-Lite config.json (the fields the converter reads)
@@ -314,5 +357,7 @@ def test_bad_input_fails_clearly_without_a_checkpoint(single):
 
 def test_converted_checkpoint_reshards(single):
     root, _ = single
-    for diffs in run_distributed(_resharded, 2, args=(str(root),), timeout_s=300):
-        assert set(diffs) == {"TP2+SP", "EP2"} and max(diffs.values()) < TOLERANCE, diffs
+    ranks = run_distributed(_resharded, 2, args=(str(root),), timeout_s=300)
+    print("max |HF - Megatron| per layout and rank:", ranks)
+    assert set(ranks[0]) == {"TP2+SP", "EP2"} and set(ranks[1]) == {"TP2+SP", "EP2", "PP2"}, ranks  # PP2: last stage
+    assert max(max(d.values()) for d in ranks) < TOLERANCE, ranks

@@ -8,7 +8,8 @@ megatron-to-hf command (--verify, small shards, tokenizer files), and:
   DeepseekV2ForCausalLM.from_pretrained(out) gives the original model's logits;
 - shards respect --max-shard-size and the index names every tensor once;
 - an existing non-empty --out is refused (left untouched), and a MoST model (MAMoE routing,
-  audio) is refused for the plain format with a message naming the remote-code export;
+  audio) is refused for the plain format (--format deepseek_v2) with a message naming the
+  remote-code export;
   neither leaves a partial directory behind; nor does a read error half way through;
 - checkpoints re-saved by Megatron at TP2+SP and EP2 (2 ranks) export (bf16) to the same tensors,
   one Megatron tensor in memory at a time.
@@ -87,7 +88,8 @@ def _body(root: str) -> dict:
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         out["rc"] = tool.main(["megatron-to-hf", "--megatron", str(root / "text"), "--out", str(export),
-                               "--tokenizer", str(root / "tok"), "--max-shard-size", str(SHARD), "--verify"])
+                               "--tokenizer", str(root / "tok"), "--max-shard-size", str(SHARD), "--verify",
+                               "--bos-id", "1", "--eos-id", "2"])
     out["printed"] = printed.getvalue()
 
     # tensors: names, shapes, dtypes, values
@@ -111,6 +113,7 @@ def _body(root: str) -> dict:
     # config.json: transformers and back to the MoSTConfig
     cfg = AutoConfig.from_pretrained(export)
     out["model_type"] = cfg.model_type
+    out["special_ids"] = (cfg.bos_token_id, cfg.eos_token_id)
     written = json.loads((export / "config.json").read_text())
     out["config_round_trip"] = mapping.config_from_hf(written, load_most_config(root / "text")) == load_most_config(root / "text")
     ids = torch.randint(0, most.text_vocab_size, (BATCH, SEQ), generator=torch.Generator().manual_seed(SEED + 1))
@@ -128,7 +131,8 @@ def _body(root: str) -> dict:
         (root / "busy").mkdir()
         (root / "busy" / "notes.txt").write_text("mine")
         out["busy_rc"] = tool.main(["megatron-to-hf", "--megatron", str(root / "text"), "--out", str(root / "busy")])
-        out["most_rc"] = tool.main(["megatron-to-hf", "--megatron", str(root / "mamoe"), "--out", str(root / "most_out")])
+        out["most_rc"] = tool.main(["megatron-to-hf", "--megatron", str(root / "mamoe"), "--out", str(root / "most_out"),
+                                    "--format", "deepseek_v2"])
         out["no_config_rc"] = tool.main(["megatron-to-hf", "--megatron", str(hf_dir), "--out", str(root / "most_out")])
     out["errors"] = errors.getvalue()
     out["untouched"] = before == sorted(p.name for p in export.iterdir()) and (root / "busy" / "notes.txt").read_text() == "mine"
@@ -180,7 +184,8 @@ def _export_resharded(root: str) -> dict:
     original = _read_all(root / "hf")
     out = {}
     for name in ("tp2", "ep2"):
-        _, stats = export(root / name, root / f"{name}_hf", dtype=torch.bfloat16, max_shard_size="1MB", log=lambda *_: None)
+        _, stats = export(root / name, root / f"{name}_hf", dtype=torch.bfloat16, max_shard_size="1MB", bos_token_id=1,
+                          eos_token_id=2, log=lambda *_: None)
         got = _read_all(root / f"{name}_hf")
         out[name] = dict(
             names=sorted(got) == sorted(original),
@@ -200,7 +205,7 @@ def _export_resharded(root: str) -> dict:
 
     TorchDistReader.get = failing_get
     try:
-        export(root / "tp2", root / "midway", log=lambda *_: None)
+        export(root / "tp2", root / "midway", bos_token_id=1, eos_token_id=2, log=lambda *_: None)
         out["midway"] = "NO ERROR"
     except OSError as e:
         out["midway"] = str(e)
@@ -252,7 +257,7 @@ def test_shards_and_index(result):
 
 def test_config_loads_in_transformers_and_logits_match(result):
     r = result
-    assert r["model_type"] == "deepseek_v2" and r["config_round_trip"], r
+    assert r["model_type"] == "deepseek_v2" and r["config_round_trip"] and r["special_ids"] == (1, 2), r
     assert r["max_logit"] > 0.5 and r["logit_diff"] < 1e-5, r  # same weights; eager attention like the original
 
 

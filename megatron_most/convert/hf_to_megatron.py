@@ -12,8 +12,10 @@
    problems are reported at once, before anything is written.
 4. write_torch_dist into `.<name>.partial-<pid>` next to `out_dir`, one tensor at a time
    (routed experts copied by index, router copied, vocabulary rows for audio markers/units and
-   the audio projection newly initialised from `seed`), plus most_config.json; then rename it
-   to `out_dir`. A failed run leaves no `out_dir`.
+   the audio projection newly initialised from `seed`), in the HF checkpoint's dtype unless
+   `dtype` says otherwise, plus most_config.json; with `verify`, check the logits (text, and
+   text + audio for MoST); then rename it to `out_dir`. A failed run or a verify FAIL leaves
+   no `out_dir`.
 
 The checkpoint reshards to any layout on load (dist_checkpointing), like one saved by training.
 """
@@ -22,14 +24,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import torch
 
-from megatron_most.convert.output import atomic_output, check_output
 from megatron_most.convert import mapping
+from megatron_most.convert.check import DEFAULT_TOLERANCE, VerifyError, compare, has_audio, most_check_name, sample_batch
 from megatron_most.convert.hf_reader import CheckpointError, HFCheckpoint
+from megatron_most.convert.output import atomic_output, check_output
 from megatron_most.model.config import MoSTConfig
+from megatron_most.options import ConfigError
 
 CONFIG_NAME = "most_config.json"
 
@@ -101,8 +106,12 @@ def plan(ckpt: HFCheckpoint, most: MoSTConfig, entries: dict) -> list[tuple]:
     return planned
 
 
-def build_template(most: MoSTConfig):
+def build_template(most: MoSTConfig, dtype: torch.dtype | None = None):
+    """MoSTModel's sharded state dict at TP = PP = EP = 1 on the meta device; floating tensors
+    in `dtype` if given (the dtype the checkpoint is written in)."""
     from megatron.core import parallel_state
+    from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
     from megatron_most.model.estimate import build_meta_model
 
@@ -113,19 +122,53 @@ def build_template(most: MoSTConfig):
     )
     if sizes != (1, 1, 1) or torch.distributed.get_world_size() != 1:
         raise RuntimeError(f"the converter runs as one process at TP=PP=EP=1 (got TP/PP/EP {sizes}, world {torch.distributed.get_world_size()})")
-    return build_meta_model(most).sharded_state_dict()
+    template = build_meta_model(most).sharded_state_dict()
+    if dtype is None:
+        return template
+
+    def cast(value):
+        if isinstance(value, (ShardedTensor, ShardedTensorFactory)) and value.data.is_floating_point():
+            data = value.data.to(dtype)
+            if isinstance(value, ShardedTensor):
+                return dataclasses.replace(value, data=data, dtype=dtype)
+            return dataclasses.replace(value, data=data)
+        return value
+
+    return dict_list_map_inplace(cast, template)
 
 
-def convert(hf_dir, out_dir, base: MoSTConfig, *, seed: int = 0, log=print):
-    """Convert; needs platform.initialize(ParallelLayout()) in this (single) process.
-    Returns (MoSTConfig, WriteStats)."""
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def source_dtype(ckpt: HFCheckpoint) -> torch.dtype:
+    """The dtype of the HF checkpoint's floating tensors (the largest share of bytes if mixed)."""
+    by_dtype: dict[torch.dtype, int] = {}
+    for name in ckpt.names():
+        dtype = ckpt.dtype(name)
+        if dtype.is_floating_point:
+            by_dtype[dtype] = by_dtype.get(dtype, 0) + ckpt.nbytes(name)
+    if not by_dtype:
+        raise CheckpointError(f"{ckpt.dir}: no floating-point tensors")
+    dtype = max(by_dtype, key=by_dtype.get)
+    return dtype if dtype in DTYPES.values() else torch.float32
+
+
+def convert(hf_dir, out_dir, base: MoSTConfig, *, seed: int = 0, dtype: torch.dtype | None = None, verify: bool = False,
+            tolerance: float = DEFAULT_TOLERANCE, log=print):
+    """Convert; needs platform.initialize(ParallelLayout()) in this (single) process. `dtype`:
+    of the written tensors (default: the HF checkpoint's). With `verify`, the logits are checked
+    (see `verify`) before the checkpoint is renamed into place; a FAIL raises VerifyError and
+    leaves no `out_dir`. Returns (MoSTConfig, WriteStats)."""
     from megatron_most.convert.writer import write_torch_dist
 
     out_dir = Path(out_dir)
     check_output(out_dir)
     ckpt = HFCheckpoint(hf_dir)
     most = mapping.config_from_hf(ckpt.config(), base)
-    template = build_template(most)
+    dtype = dtype or source_dtype(ckpt)
+    if dtype not in DTYPES.values():
+        raise ConfigError(f"dtype={dtype}: choose one of {sorted(DTYPES)} (--dtype)")
+    template = build_template(most, dtype)
     planned = plan(ckpt, most, _template_entries(template))
     loaders = {
         item.key: (lambda item=item, source=source, shape=shape, dtype=dtype: mapping.produce(
@@ -133,40 +176,112 @@ def convert(hf_dir, out_dir, base: MoSTConfig, *, seed: int = 0, log=print):
         for item, source, shape, dtype in planned
     }
     with atomic_output(out_dir) as tmp:
-        log(f"converting {len(loaders)} tensors from {ckpt.dir} into {tmp.name}")
+        log(f"converting {len(loaders)} tensors from {ckpt.dir} into {tmp.name} ({str(dtype).removeprefix('torch.')})")
         stats = write_torch_dist(template, loaders, tmp)
-        (tmp / CONFIG_NAME).write_text(json.dumps(dataclasses.asdict(most), indent=1, default=list))
+        write_most_config(tmp, most)
+        if verify:
+            _verify_or_raise(hf_dir, tmp, most, out_dir, tolerance=tolerance, seed=seed, log=log)
     log(f"wrote {out_dir}: {stats.entries} tensors, {stats.bytes / 2**20:.1f} MiB")
     return most, stats
 
 
+def write_most_config(directory, most: MoSTConfig) -> None:
+    """most_config.json next to a checkpoint: the MoSTConfig megatron-to-hf and training read."""
+    (Path(directory) / CONFIG_NAME).write_text(json.dumps(dataclasses.asdict(most), indent=1, default=list))
+
+
+def _verify_or_raise(hf_dir, tmp, most, out_dir, **kwargs) -> None:
+    _, ok = verify(hf_dir, tmp, most, **kwargs)
+    if not ok:
+        raise VerifyError(f"--verify FAILED: the conversion does not reproduce {hf_dir}'s logits; nothing was written to {out_dir}")
+
+
 def load_into(model, out_dir) -> None:
-    """Load the converted checkpoint into `model` at the current layout (resharded)."""
+    """Load the converted checkpoint into `model` at the current layout (resharded, cast to the
+    model's dtype)."""
     from megatron_most.platform.selfcheck import load_values
 
     values = load_values(model, Path(out_dir))
     model.load_state_dict(values, strict=False)
 
 
-def verify(hf_dir, out_dir, most: MoSTConfig, *, batch: int = 2, seq: int = 32, tolerance: float = 1e-3, seed: int = 0,
-           log=print) -> tuple[float, bool]:
-    """Logits of the HF model (fp32) and of the converted checkpoint loaded into MoSTModel, on
-    random text tokens. The MoSTModel routes like DeepSeek (vanilla) for the comparison: MAMoE
-    masking would change text routing by design. Prints the max abs logit difference and PASS/FAIL."""
+def _most_reference(hf, converted, most: MoSTConfig):
+    """The HF remote-code MoST model (fp32) with the source DeepSeek-V2 weights taken by their HF
+    names (no mapping table) and the tensors the source lacks (vocabulary rows after the text
+    vocabulary, the audio projection) from the converted MoSTModel `converted`."""
+    from megatron_most.convert.hf_most import AUDIO_PROJECTION, hf_config
+    from megatron_most.convert.hf_most.modeling_most import MoSTForCausalLM
+
+    reference = MoSTForCausalLM(hf_config(most)).float().eval()
+    source, new = hf.state_dict(), converted.state_dict()
+    text = most.text_vocab_size
+    fused = re.compile(r"(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight")
+    state = {}
+    for name, param in reference.state_dict().items():
+        if name in ("model.embed_tokens.weight", "lm_head.weight"):
+            own = new["embedding.word_embeddings.weight" if name.startswith("model.") else "output_layer.weight"]
+            value = torch.cat([source[name], own[text:]])
+        elif name in AUDIO_PROJECTION:
+            value = new["audio_projection." + name.rsplit(".", 1)[1]]
+        elif name in source:
+            value = source[name]
+        elif m := fused.fullmatch(name):  # transformers' in-memory experts: gate_up_proj[E] = [gate; up], down_proj[E]
+            prefix, expert, part = m.group(1), int(m.group(2)), m.group(3)
+            if part == "down_proj":
+                value = source[prefix + ".down_proj"][expert]
+            else:
+                gate, up = source[prefix + ".gate_up_proj"][expert].chunk(2)
+                value = gate if part == "gate_proj" else up
+        else:
+            raise RuntimeError(f"verify: the MoST reference tensor {name} has no source")
+        if value.shape != param.shape:
+            raise RuntimeError(f"verify: {name} is {tuple(value.shape)} in the source, {tuple(param.shape)} in the MoST reference")
+        state[name] = value.float()
+    reference.load_state_dict(state, strict=True)
+    return reference
+
+
+def verify(hf_dir, out_dir, most: MoSTConfig, *, batch: int = 2, seq: int = 32, tolerance: float = DEFAULT_TOLERANCE,
+           seed: int = 0, log=print) -> tuple[dict, bool]:
+    """Logits of the source and of the converted checkpoint loaded into MoSTModel (both fp32),
+    printing the max abs difference and PASS/FAIL of each check:
+
+    text        transformers' DeepseekV2ForCausalLM vs MoSTModel routing like DeepSeek (vanilla:
+                MAMoE masking changes text routing by design), on random text tokens;
+    text+audio  (a MoST model) the HF remote-code MoST model holding the source weights by their HF
+                names plus the converted model's new tensors (audio rows, projection) vs MoSTModel
+                as configured, on text with unit tokens and <boa> <feat>... <eoa> spans with features.
+
+    Returns ({check: max abs diff}, all passed)."""
     from transformers import AutoModelForCausalLM
 
     from megatron_most.model.most import build_model
 
+    seq = min(seq, most.seq_length)
     hf = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
-    vanilla = most.replace(mamoe=dataclasses.replace(most.mamoe, variant="vanilla"), seq_length=min(most.seq_length, max(seq, 1)))
-    model = build_model(vanilla, vanilla.transformer_config(), use_te=False).eval()
-    load_into(model, out_dir)
-    ids = torch.randint(0, most.text_vocab_size, (batch, seq), generator=torch.Generator().manual_seed(seed))
-    with torch.no_grad():
-        expected = hf(input_ids=ids).logits.float()
-        got = model(input_ids=ids, position_ids=None, attention_mask=None)[..., : most.text_vocab_size]
-    diff = (got - expected).abs().max().item()
-    scale = max(1.0, expected.abs().max().item())
-    ok = bool(torch.isfinite(got).all()) and diff <= tolerance * scale
-    log(f"verify: max abs logit diff {diff:.3e} (max |logit| {expected.abs().max().item():.3f}) {'PASS' if ok else 'FAIL'}")
-    return diff, ok
+    diffs, ok = {}, True
+    converted = None
+    if most.mamoe.variant != "no_shared":  # DeepSeek always has its shared experts
+        vanilla = most.replace(mamoe=dataclasses.replace(most.mamoe, variant="vanilla"))
+        converted = build_model(vanilla, vanilla.transformer_config(), use_te=False).eval()
+        load_into(converted, out_dir)
+        ids = torch.randint(0, most.text_vocab_size, (batch, seq), generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            expected = hf(input_ids=ids).logits
+            got = converted(input_ids=ids, position_ids=None, attention_mask=None)[..., : most.text_vocab_size]
+        diffs["text"], passed = compare(expected, got, "text", tolerance, log)
+        ok &= passed
+    if has_audio(most):
+        model = build_model(most, most.transformer_config(), use_te=False).eval()
+        load_into(model, out_dir)
+        reference = _most_reference(hf, model, most)
+        del hf, converted
+        ids, features = sample_batch(most, batch, seq, seed)
+        with torch.no_grad():
+            expected = reference(input_ids=ids, audio_features=features).logits
+            got = model(input_ids=ids, position_ids=None, attention_mask=None, audio_features=features)
+        name = most_check_name(most)
+        diffs[name], passed = compare(expected, got, name, tolerance, log)
+        ok &= passed
+    log(f"verify: {'PASS' if ok else 'FAIL'}")
+    return diffs, ok

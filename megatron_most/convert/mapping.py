@@ -7,7 +7,8 @@ name pattern(s) it comes from, and how the HF tensors become the Megatron tensor
     swiglu   cat([gate_proj, up_proj], 0) -> linear_fc1 (Megatron's SwiGLU fc1 = [gate; up])
     vocab    HF rows into the first `text_vocab_size` rows; the rows after them (audio markers,
              units, padding) newly initialised: seeded normal(0, init_std)
-    new      no HF source: seeded normal(0, init_std) (`init="normal"`) or zeros
+    new      no DeepSeek-V2 source: seeded normal(0, init_std) (`init="normal"`) or zeros; `hf`
+             names the tensor in the MoST remote-code export (megatron-to-hf) only
 
 `alternatives` lists other HF layouts of the same tensor, tried in order when the first is
 absent (transformers' fused in-memory experts: `experts.gate_up_proj[E]`, `experts.down_proj[E]`;
@@ -62,8 +63,8 @@ RULES: tuple[Rule, ...] = (
          fields="vocab_size x hidden_size"),
     Rule("output_layer.weight", ("lm_head.weight",), "vocab", "model", fields="vocab_size x hidden_size"),
     Rule("decoder.final_layernorm.weight", ("model.norm.weight",), where="model", fields="hidden_size"),
-    Rule("audio_projection.weight", kind="new", where="audio_features"),
-    Rule("audio_projection.bias", kind="new", where="audio_features", init="zeros"),
+    Rule("audio_projection.weight", ("model.audio_projection.weight",), "new", "audio_features"),
+    Rule("audio_projection.bias", ("model.audio_projection.bias",), "new", "audio_features", init="zeros"),
     Rule(_M + "input_layernorm.weight", (_L + "input_layernorm.weight",), fields="hidden_size"),
     Rule(_M + "pre_mlp_layernorm.weight", (_L + "post_attention_layernorm.weight",), fields="hidden_size"),
     Rule(_M + "self_attention.linear_q_proj.weight", (_L + "self_attn.q_proj.weight",),
@@ -181,8 +182,11 @@ def produce(item: Item, source, get: Callable[[str], torch.Tensor], shape, dtype
         return [t.contiguous() for t in tensors]
     if rule.kind == "vocab":
         rows = tensors[0]
-        table = _seeded_normal(item.key, shape, most.init_std, seed).to(dtype)
+        if rows.shape[0] == shape[0]:
+            return rows.contiguous()
+        table = torch.empty(shape, dtype=dtype)
         table[: rows.shape[0]] = rows
+        table[rows.shape[0]:] = _seeded_normal(item.key, (shape[0] - rows.shape[0], *shape[1:]), most.init_std, seed)
         return table
     raise ValueError(f"unknown rule kind {rule.kind!r} for {item.key}")
 
@@ -284,4 +288,73 @@ def config_from_hf(config: dict, base: MoSTConfig) -> MoSTConfig:
         raise ConfigError(f"config.json does not give a valid MoSTConfig: {e}") from e
 
 
-__all__ = ["RULES", "Rule", "Source", "Item", "items", "megatron_keys", "choose_source", "produce", "config_from_hf"]
+# ---------------------------------------------------------------------------------------------
+# MoSTConfig -> config.json (the ONE field mapping; config_from_hf inverts it)
+
+
+def hf_config_fields(most: MoSTConfig, *, rope: str = "parameters", **overrides) -> dict:
+    """DeepSeek-V2 config.json architecture fields of `most` (no architectures / model_type /
+    dtype): the text vocabulary, routing without modality masking. `rope="parameters"` writes
+    transformers 5's `rope_parameters`, `rope="scaling"` the hub's `rope_scaling` + top-level
+    `rope_theta`. Used for the plain export, the MoST remote-code config and the test reference."""
+    mamoe = most.mamoe
+    shared = mamoe.shared_expert_size if mamoe.has_shared_experts else 0
+    if shared % most.moe_ffn_size:
+        raise ConfigError(
+            f"MAMoEConfig.shared_expert_size={shared} is not a multiple of moe_ffn_size={most.moe_ffn_size}: HF shared "
+            "experts are n_shared_experts x moe_intermediate_size wide; choose a multiple"
+        )
+    yarn = dict(
+        factor=most.rope_factor,
+        original_max_position_embeddings=most.original_max_position_embeddings,
+        beta_fast=most.beta_fast,
+        beta_slow=most.beta_slow,
+        mscale=most.mscale,
+        mscale_all_dim=most.mscale_all_dim,
+    )
+    if rope == "parameters":
+        rope_fields = dict(rope_parameters=dict(rope_type="yarn", rope_theta=most.rope_theta, **yarn))
+    elif rope == "scaling":
+        rope_fields = dict(rope_theta=most.rope_theta, rope_scaling=dict(type="yarn", **yarn))
+    else:
+        raise ValueError(f"rope={rope!r}: choose 'parameters' or 'scaling'")
+    fields = dict(
+        vocab_size=most.text_vocab_size,
+        hidden_size=most.hidden_size,
+        intermediate_size=most.dense_ffn_size,
+        moe_intermediate_size=most.moe_ffn_size,
+        num_hidden_layers=most.num_layers,
+        num_attention_heads=most.num_attention_heads,
+        num_key_value_heads=most.num_attention_heads,
+        n_shared_experts=shared // most.moe_ffn_size,
+        n_routed_experts=mamoe.num_experts,
+        num_experts_per_tok=mamoe.topk,
+        first_k_dense_replace=most.first_k_dense,
+        moe_layer_freq=1,
+        routed_scaling_factor=1.0,
+        topk_method="greedy",
+        n_group=1,
+        topk_group=1,
+        norm_topk_prob=False,
+        scoring_func="softmax",
+        aux_loss_alpha=mamoe.balance_coeff,
+        seq_aux=True,
+        q_lora_rank=None,
+        kv_lora_rank=most.kv_lora_rank,
+        qk_nope_head_dim=most.qk_nope_head_dim,
+        qk_rope_head_dim=most.qk_rope_head_dim,
+        v_head_dim=most.v_head_dim,
+        hidden_act="silu",
+        max_position_embeddings=most.max_position_embeddings,
+        initializer_range=most.init_std,
+        rms_norm_eps=most.rms_norm_eps,
+        tie_word_embeddings=False,
+        attention_bias=False,
+        attention_dropout=0.0,
+        **rope_fields,
+    )
+    fields.update(overrides)
+    return fields
+
+
+__all__ = ["RULES", "Rule", "Source", "Item", "items", "megatron_keys", "choose_source", "produce", "config_from_hf", "hf_config_fields"]

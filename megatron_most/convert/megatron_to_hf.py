@@ -1,12 +1,13 @@
-"""MoST torch_dist checkpoint -> HF DeepSeek-V2 safetensors, streamed tensor by tensor.
+"""MoST torch_dist checkpoint -> Hugging Face safetensors, streamed tensor by tensor.
 
     most, stats = export(megatron_dir, out_dir)       # after platform.initialize(ParallelLayout())
 
 1. Refuse an `out_dir` that exists and is not empty.
-2. MoSTConfig from the checkpoint's most_config.json (written by hf_to_megatron). Only a
-   text-only model with vanilla routing fits the plain DeepSeek-V2 format that transformers
-   loads natively; a MoST model (MAMoE routing, audio vocabulary, audio projection) is refused
-   (it needs the MoST remote-code export).
+2. MoSTConfig from the checkpoint's most_config.json (written by hf_to_megatron) and the format:
+   a text-only model with vanilla routing fits the plain DeepSeek-V2 format that transformers
+   loads natively ("deepseek_v2"); a MoST model (MAMoE routing, audio vocabulary, audio
+   projection) gets the MoST format ("most": DeepSeek-V2 tensor names plus the MoST extras,
+   loaded by the remote code in hf_most/).
 3. The template is MoSTModel's sharded state dict at TP = PP = EP = 1 on the meta device. For
    each tensor of mapping.items(most) (the ONE table, used in reverse: Megatron key -> the
    rule's primary HF names, i.e. the per-expert on-disk names of the hub) one entry of the
@@ -15,12 +16,16 @@
    expert out of the stacked [E, 2I, H] tensor of a layer), then split into HF tensors:
        copy    as is
        swiglu  fc1 = [gate; up] -> gate_proj, up_proj halves
-       vocab   the first text_vocab_size rows (the padding rows are dropped)
+       vocab   deepseek_v2: the first text_vocab_size rows; most: the whole padded table
+       new     most only: model.audio_projection.{weight,bias}
 4. HF tensors go into safetensors shards of at most `max_shard_size` bytes (a tensor larger
    than that gets a shard of its own); a shard is written and dropped once full. Then
-   model.safetensors.index.json, config.json (hub DeepSeek-V2 format: rope_scaling + rope_theta)
-   and, if given, the tokenizer files. Everything goes to `.<name>.partial-<pid>` next to
-   `out_dir`, renamed to `out_dir` at the end; a failed run leaves no `out_dir`.
+   model.safetensors.index.json, config.json (deepseek_v2: the hub's form, rope_scaling +
+   rope_theta; most: hf_most.hf_config_dict + auto_map and the two code files), bos/eos ids
+   (the tokenizer's, else given, else DeepSeek-V2's) and, if given, the tokenizer files; with
+   `verify` the logits of the source and of the export loaded by transformers are compared.
+   Everything goes to `.<name>.partial-<pid>` next to `out_dir`, renamed to `out_dir` at the
+   end; a failed run (or a verify FAIL) leaves no `out_dir`.
 
 Peak memory: one Megatron tensor (+ its HF halves) and one shard being filled.
 """
@@ -29,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import re
 import shutil
@@ -37,9 +41,12 @@ from pathlib import Path
 
 import torch
 
-from megatron_most.convert.output import atomic_output, check_output
 from megatron_most.convert import mapping
-from megatron_most.convert.hf_to_megatron import CONFIG_NAME
+from megatron_most.convert.check import (
+    DEFAULT_TOLERANCE, VerifyError, compare, has_audio, most_check_name, round_to, sample_batch,
+)
+from megatron_most.convert.output import atomic_output, check_output
+from megatron_most.convert.hf_to_megatron import CONFIG_NAME, DTYPES
 from megatron_most.model.config import MoSTConfig
 from megatron_most.moe.config import MAMoEConfig
 from megatron_most.options import ConfigError
@@ -50,7 +57,9 @@ TOKENIZER_FILES = re.compile(
     r"^(tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab\.(json|txt)|merges\.txt|chat_template\.(jinja|json)"
     r"|generation_config\.json)$"
 )
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+FORMATS = ("auto", "deepseek_v2", "most")
+DEFAULT_BOS_EOS = (100000, 100001)
+"""DeepSeek-V2's <｜begin▁of▁sentence｜> / <｜end▁of▁sentence｜> ids."""
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
@@ -88,91 +97,95 @@ def load_most_config(megatron_dir) -> MoSTConfig:
     return MoSTConfig.from_dict({**values, "mamoe": MAMoEConfig.from_dict(mamoe)})
 
 
-def check_plain_deepseek(most: MoSTConfig) -> None:
-    """Raise ExportError unless `most` is a text-only DeepSeek-V2 (vanilla routing, no audio)."""
+def plain_reasons(most: MoSTConfig) -> list[str]:
+    """Why `most` does not fit the plain DeepSeek-V2 format (empty: it fits)."""
     reasons = []
     if most.mamoe.variant != "vanilla":
         reasons.append(f"MAMoE routing (variant={most.mamoe.variant!r}) has no DeepSeek-V2 equivalent")
     if most.num_units or most.audio_feature_dim:
         reasons.append(f"audio paths (num_units={most.num_units}, audio_feature_dim={most.audio_feature_dim}) "
                        "add vocabulary rows and the audio projection")
-    if most.mamoe.shared_expert_size % most.moe_ffn_size:
-        reasons.append(f"shared_expert_size={most.mamoe.shared_expert_size} is not a multiple of moe_ffn_size={most.moe_ffn_size}")
+    shared = most.mamoe.shared_expert_size
+    if shared == 0 or shared % most.moe_ffn_size:
+        reasons.append(f"shared_expert_size={shared}: transformers' DeepseekV2 needs a positive multiple of "
+                       f"moe_ffn_size={most.moe_ffn_size}")
+    return reasons
+
+
+def check_plain_deepseek(most: MoSTConfig) -> None:
+    """Raise ExportError unless `most` is a text-only DeepSeek-V2 (vanilla routing, no audio)."""
+    reasons = plain_reasons(most)
     if reasons:
         raise ExportError(
             "this is a MoST model, not a plain DeepSeek-V2: " + "; ".join(reasons)
-            + ". The plain DeepSeek-V2 format cannot hold it: the MoST remote-code export is needed."
+            + ". The plain DeepSeek-V2 format cannot hold it: use the MoST remote-code export (--format most)."
         )
 
 
-def hf_config(most: MoSTConfig, dtype: torch.dtype) -> dict:
-    """config.json (the hub's DeepSeek-V2 form: rope_scaling + top-level rope_theta) of a
-    text-only vanilla MoSTConfig; mapping.config_from_hf inverts it."""
-    return {
-        "architectures": ["DeepseekV2ForCausalLM"],
-        "model_type": "deepseek_v2",
-        "vocab_size": most.text_vocab_size,
-        "hidden_size": most.hidden_size,
-        "intermediate_size": most.dense_ffn_size,
-        "moe_intermediate_size": most.moe_ffn_size,
-        "num_hidden_layers": most.num_layers,
-        "num_attention_heads": most.num_attention_heads,
-        "num_key_value_heads": most.num_attention_heads,
-        "n_shared_experts": most.mamoe.shared_expert_size // most.moe_ffn_size or None,
-        "n_routed_experts": most.mamoe.num_experts,
-        "num_experts_per_tok": most.mamoe.topk,
-        "first_k_dense_replace": most.first_k_dense,
-        "moe_layer_freq": 1,
-        "routed_scaling_factor": 1.0,
-        "topk_method": "greedy",
-        "n_group": 1,
-        "topk_group": 1,
-        "norm_topk_prob": False,
-        "scoring_func": "softmax",
-        "aux_loss_alpha": most.mamoe.balance_coeff,
-        "seq_aux": True,
-        "q_lora_rank": None,
-        "kv_lora_rank": most.kv_lora_rank,
-        "qk_nope_head_dim": most.qk_nope_head_dim,
-        "qk_rope_head_dim": most.qk_rope_head_dim,
-        "v_head_dim": most.v_head_dim,
-        "hidden_act": "silu",
-        "max_position_embeddings": most.max_position_embeddings,
-        "initializer_range": most.init_std,
-        "rms_norm_eps": most.rms_norm_eps,
-        "use_cache": True,
-        "tie_word_embeddings": False,
-        "rope_theta": most.rope_theta,
-        "rope_scaling": {
-            "type": "yarn",
-            "factor": most.rope_factor,
-            "original_max_position_embeddings": most.original_max_position_embeddings,
-            "beta_fast": most.beta_fast,
-            "beta_slow": most.beta_slow,
-            "mscale": most.mscale,
-            "mscale_all_dim": most.mscale_all_dim,
-        },
-        "attention_bias": False,
-        "attention_dropout": 0.0,
-        "torch_dtype": _DTYPE_NAMES[dtype],
-    }
+def special_token_ids(most: MoSTConfig, tokenizer=None, bos_token_id: int | None = None,
+                      eos_token_id: int | None = None) -> dict:
+    """bos/eos ids for config.json: the tokenizer's (from `tokenizer`, a directory), else the
+    given ids, else DeepSeek-V2's (100000, 100001); each must be a text token id."""
+    ids = {"bos_token_id": bos_token_id, "eos_token_id": eos_token_id}
+    flags = {"bos_token_id": "--bos-id", "eos_token_id": "--eos-id"}
+    if tokenizer is not None:
+        from transformers import AutoTokenizer
+
+        try:
+            tok = AutoTokenizer.from_pretrained(str(tokenizer))
+        except Exception as e:  # noqa: BLE001 - any loading problem is a bad --tokenizer
+            raise ExportError(f"--tokenizer {tokenizer}: transformers cannot load it ({type(e).__name__}: {e})") from e
+        for field in ids:
+            found = getattr(tok, field, None)
+            if found is None:
+                continue
+            if ids[field] is not None and ids[field] != found:
+                raise ConfigError(
+                    f"{field}={ids[field]} ({flags[field]}) differs from the tokenizer's {found} in {tokenizer}: drop "
+                    f"{flags[field]} or give the matching tokenizer"
+                )
+            ids[field] = found
+    for field, default in zip(ids, DEFAULT_BOS_EOS):
+        value = default if ids[field] is None else ids[field]
+        if not 0 <= value < most.text_vocab_size:
+            raise ConfigError(
+                f"{field}={value} is outside the text vocabulary (text_vocab_size={most.text_vocab_size}): give "
+                f"{flags[field]} or --tokenizer with the model's tokenizer"
+            )
+        ids[field] = value
+    return ids
+
+
+def hf_config(most: MoSTConfig, dtype: torch.dtype, fmt: str = "deepseek_v2", **overrides) -> dict:
+    """config.json of the export: the hub's DeepSeek-V2 form (rope_scaling + top-level rope_theta)
+    for a text-only vanilla model, or the MoST remote-code config (write_remote_code adds
+    auto_map). mapping.config_from_hf inverts the DeepSeek-V2 fields."""
+    if fmt == "most":
+        from megatron_most.convert.hf_most import hf_config_dict
+
+        fields = hf_config_dict(most)
+    else:
+        fields = dict(architectures=["DeepseekV2ForCausalLM"], model_type="deepseek_v2",
+                      **mapping.hf_config_fields(most, rope="scaling"))
+    return {**fields, "use_cache": True, "torch_dtype": _DTYPE_NAMES[dtype], **overrides}
 
 
 # ---------------------------------------------------------------------------------------------
 # the table in reverse
 
 
-def hf_names(item: mapping.Item) -> tuple[str, ...]:
+def hf_names(item: mapping.Item, fmt: str = "deepseek_v2") -> tuple[str, ...]:
     """The on-disk HF names of `item` (the rule's primary layout: per-expert tensors)."""
-    if item.rule.kind == "new" or not item.rule.hf:
-        raise ExportError(f"{item.key}: no DeepSeek-V2 tensor holds it (a MoST-only weight)")
+    if not item.rule.hf or (item.rule.kind == "new" and fmt != "most"):
+        raise ExportError(f"{item.key}: no DeepSeek-V2 tensor holds it (a MoST-only weight: --format most)")
     return item.hf_names(mapping.Source(item.rule.hf))
 
 
-def to_hf(item: mapping.Item, tensor: torch.Tensor, most: MoSTConfig) -> list[tuple[str, torch.Tensor]]:
-    """The HF tensors of one Megatron tensor (inverse of mapping.produce)."""
-    names, kind = hf_names(item), item.rule.kind
-    if kind == "copy":
+def to_hf(item: mapping.Item, tensor: torch.Tensor, most: MoSTConfig, fmt: str = "deepseek_v2") -> list[tuple[str, torch.Tensor]]:
+    """The HF tensors of one Megatron tensor (inverse of mapping.produce). The MoST format keeps
+    the whole padded vocabulary and the MoST-only ("new") tensors."""
+    names, kind = hf_names(item, fmt), item.rule.kind
+    if kind == "copy" or kind == "new" or (kind == "vocab" and fmt == "most"):
         return [(names[0], tensor)]
     if kind == "swiglu":
         if tensor.shape[0] % 2:
@@ -388,11 +401,26 @@ def copy_tokenizer(tokenizer_dir, out_dir: Path) -> list[str]:
     return copied
 
 
+def choose_format(most: MoSTConfig, fmt: str = "auto") -> str:
+    """"deepseek_v2" (plain, transformers-native) or "most" (remote code) for `fmt` in FORMATS."""
+    if fmt not in FORMATS:
+        raise ConfigError(f"format={fmt!r}: choose one of {FORMATS} (--format)")
+    if fmt == "auto":
+        return "most" if plain_reasons(most) else "deepseek_v2"
+    if fmt == "deepseek_v2":
+        check_plain_deepseek(most)
+    return fmt
+
+
 def export(megatron_dir, out_dir, *, tokenizer=None, max_shard_size=DEFAULT_MAX_SHARD_SIZE, dtype: torch.dtype | None = None,
-           log=print) -> tuple[MoSTConfig, ExportStats]:
-    """Export a text-only MoST checkpoint in the plain DeepSeek-V2 HF format. Needs
-    platform.initialize(ParallelLayout()) in this (single) process. `dtype`: of the HF tensors
-    (default: as stored in the checkpoint)."""
+           fmt: str = "auto", bos_token_id: int | None = None, eos_token_id: int | None = None, verify: bool = False,
+           tolerance: float = DEFAULT_TOLERANCE, log=print) -> tuple[MoSTConfig, ExportStats]:
+    """Export a MoST checkpoint as a Hugging Face checkpoint. Needs platform.initialize(ParallelLayout())
+    in this (single) process. `fmt`: "deepseek_v2" (text-only vanilla models), "most" (remote
+    code: MAMoE routing, audio paths) or "auto" (the plain format when the model fits it).
+    `dtype`: of the HF tensors (default: as stored in the checkpoint). With `verify`, the logits
+    are checked (see `verify`) before the export is renamed into place; a FAIL raises VerifyError
+    and leaves no `out_dir`."""
     from megatron_most.convert.hf_to_megatron import build_template
 
     out_dir, megatron_dir = Path(out_dir), Path(megatron_dir)
@@ -401,7 +429,8 @@ def export(megatron_dir, out_dir, *, tokenizer=None, max_shard_size=DEFAULT_MAX_
     if max_bytes <= 0:
         raise ValueError(f"max shard size {max_shard_size!r} must be positive")
     most = load_most_config(megatron_dir)
-    check_plain_deepseek(most)
+    fmt = choose_format(most, fmt)
+    special = special_token_ids(most, tokenizer, bos_token_id, eos_token_id)
     reader = TorchDistReader(megatron_dir, build_template(most))
     items = list(mapping.items(most))
     missing = [i.key for i in items if i.key not in reader.entries]
@@ -417,19 +446,28 @@ def export(megatron_dir, out_dir, *, tokenizer=None, max_shard_size=DEFAULT_MAX_
 
     stats = ExportStats()
     with atomic_output(out_dir) as tmp:
-        log(f"exporting {len(items)} tensors of {megatron_dir} into {tmp.name} ({_DTYPE_NAMES[dtype]}, shards <= {max_bytes} bytes)")
+        log(f"exporting {len(items)} tensors of {megatron_dir} into {tmp.name} ({fmt} format, {_DTYPE_NAMES[dtype]}, "
+            f"shards <= {max_bytes} bytes)")
         shards = _ShardWriter(tmp, max_bytes, stats)
         for item in items:
             tensor = reader.get(item.key)
             stats.largest_megatron_tensor_bytes = max(stats.largest_megatron_tensor_bytes, tensor.numel() * tensor.element_size())
-            for name, hf_tensor in to_hf(item, tensor, most):
+            for name, hf_tensor in to_hf(item, tensor, most, fmt):
                 shards.add(name, hf_tensor.to(dtype))
             del tensor
         shards.finish()
-        (tmp / "config.json").write_text(json.dumps(hf_config(most, dtype), indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(hf_config(most, dtype, fmt, **special), indent=2) + "\n")
+        if fmt == "most":
+            from megatron_most.convert.hf_most import write_remote_code
+
+            write_remote_code(tmp)
         if tokenizer is not None:
             copied = copy_tokenizer(tokenizer, tmp)
             log(f"copied tokenizer files {copied}")
+        if verify:
+            _, ok = verify_export(megatron_dir, tmp, most, tolerance=tolerance, log=log)
+            if not ok:
+                raise VerifyError(f"--verify FAILED: the export does not reproduce {megatron_dir}'s logits; nothing was written to {out_dir}")
     log(f"wrote {out_dir}: {stats.tensors} tensors in {stats.shards} shard(s), {stats.bytes / 2**20:.1f} MiB")
     return most, stats
 
@@ -457,31 +495,43 @@ def _sample_ids(out_dir: Path, most: MoSTConfig, batch: int, seq: int, seed: int
     return torch.randint(0, most.text_vocab_size, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
 
-def verify(megatron_dir, out_dir, most: MoSTConfig, *, batch: int = 2, seq: int = 32, tolerance: float = 1e-3, seed: int = 0,
-           log=print) -> tuple[float, bool]:
-    """Logits of the source MoSTModel (TP1, fp32, loaded from the torch_dist checkpoint) and of
-    transformers' model loaded from the export (fp32), on SAMPLE_TEXT (with the exported tokenizer)
-    or seeded random text tokens. Prints the
-    max abs logit difference and PASS/FAIL."""
+def verify_export(megatron_dir, out_dir, most: MoSTConfig, *, batch: int = 2, seq: int = 32,
+                  tolerance: float = DEFAULT_TOLERANCE, seed: int = 0, log=print) -> tuple[float, bool]:
+    """Logits of the source MoSTModel (TP1, fp32, loaded from the torch_dist checkpoint, its
+    weights rounded to the export's dtype) and of the model transformers loads from the export
+    (fp32; the remote code for the MoST format) on the same inputs: SAMPLE_TEXT tokenized with the
+    exported tokenizer or seeded random text, and for a MoST model unit tokens and
+    <boa> <feat>... <eoa> spans with audio features. Prints the max abs difference and PASS/FAIL."""
     from transformers import AutoModelForCausalLM
 
     from megatron_most.convert.hf_to_megatron import load_into
     from megatron_most.model.most import build_model
 
+    out_dir = Path(out_dir)
+    config = json.loads((out_dir / "config.json").read_text())
+    remote = config.get("model_type") == "most"
     seq = min(seq, most.seq_length)
     model = build_model(most, most.transformer_config(), use_te=False).eval()
     load_into(model, megatron_dir)
-    hf = AutoModelForCausalLM.from_pretrained(str(out_dir), dtype=torch.float32).eval()
-    ids = _sample_ids(out_dir, most, batch, seq, seed, log)
-    with torch.no_grad():
-        expected = model(input_ids=ids, position_ids=None, attention_mask=None)[..., : most.text_vocab_size].float()
-        got = hf(input_ids=ids).logits.float()
-    diff = (got - expected).abs().max().item()
-    scale = max(1.0, expected.abs().max().item())
-    ok = bool(torch.isfinite(got).all()) and math.isfinite(diff) and diff <= tolerance * scale
-    log(f"verify: max abs logit diff {diff:.3e} (max |logit| {expected.abs().max().item():.3f}) {'PASS' if ok else 'FAIL'}")
+    exported = {v: k for k, v in _DTYPE_NAMES.items()}[config.get("torch_dtype", "float32")]
+    round_to(model, exported)  # compare at the precision the export holds
+    hf = AutoModelForCausalLM.from_pretrained(str(out_dir), dtype=torch.float32, trust_remote_code=remote).eval()
+    text = _sample_ids(out_dir, most, batch, seq, seed, log)
+    if remote:
+        ids, features = sample_batch(most, batch, seq, seed, text_ids=text)
+        what = most_check_name(most) if has_audio(most) else "text"
+        with torch.no_grad():
+            expected = model(input_ids=ids, position_ids=None, attention_mask=None, audio_features=features)
+            got = hf(input_ids=ids, audio_features=features).logits
+    else:
+        what = "text"
+        with torch.no_grad():
+            expected = model(input_ids=text, position_ids=None, attention_mask=None)[..., : most.text_vocab_size]
+            got = hf(input_ids=text).logits
+    diff, ok = compare(expected, got, what, tolerance, log)
+    log(f"verify: {'PASS' if ok else 'FAIL'}")
     return diff, ok
 
 
-__all__ = ["export", "verify", "load_most_config", "check_plain_deepseek", "hf_config", "to_hf", "hf_names",
+__all__ = ["export", "verify_export", "choose_format", "special_token_ids", "plain_reasons", "FORMATS", "load_most_config", "check_plain_deepseek", "hf_config", "to_hf", "hf_names",
            "ExportError", "ExportStats", "TorchDistReader", "parse_size", "DTYPES", "ConfigError"]

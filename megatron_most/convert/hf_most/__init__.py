@@ -25,6 +25,8 @@ import json
 import pathlib
 import shutil
 
+from megatron_most.convert.mapping import RULES, hf_config_fields
+
 HERE = pathlib.Path(__file__).resolve().parent
 CODE_FILES = ("configuration_most.py", "modeling_most.py")
 AUTO_MAP = {
@@ -32,23 +34,21 @@ AUTO_MAP = {
     "AutoModel": "modeling_most.MoSTModel",
     "AutoModelForCausalLM": "modeling_most.MoSTForCausalLM",
 }
-AUDIO_PROJECTION = ("model.audio_projection.weight", "model.audio_projection.bias")
-"""HF names of the continuous-path projection (Megatron: audio_projection.{weight,bias})."""
+AUDIO_PROJECTION = tuple(r.hf[0] for r in RULES if r.megatron in ("audio_projection.weight", "audio_projection.bias"))
+"""HF names of the continuous-path projection (Megatron: audio_projection.{weight,bias}), from the table."""
 
 
 def hf_config_dict(most, **overrides) -> dict:
-    """config.json fields (without auto_map) of the MoST HF model for a MoSTConfig `most`."""
+    """config.json fields (without auto_map) of the MoST HF model for a MoSTConfig `most`: the
+    DeepSeek-V2 fields of mapping.hf_config_fields with the padded vocabulary and the MoST extras."""
     mamoe = most.mamoe
     text, audio = mamoe.groups()
-    shared = mamoe.shared_expert_size if mamoe.has_shared_experts else 0
-    if shared % most.moe_ffn_size:
-        raise ValueError(
-            f"shared_expert_size={shared} is not a multiple of moe_ffn_size={most.moe_ffn_size}: "
-            "HF shared experts are n_shared_experts * moe_intermediate_size wide"
-        )
     fields = dict(
         model_type="most",
         architectures=["MoSTForCausalLM"],
+        **hf_config_fields(most),
+    )
+    fields.update(
         vocab_size=most.tokens.padded_size,
         text_vocab_size=most.text_vocab_size,
         num_units=most.num_units,
@@ -57,39 +57,6 @@ def hf_config_dict(most, **overrides) -> dict:
         audio_experts=list(audio),
         masking=mamoe.masking,
         variant=mamoe.variant,
-        hidden_size=most.hidden_size,
-        intermediate_size=most.dense_ffn_size,
-        num_hidden_layers=most.num_layers,
-        num_attention_heads=most.num_attention_heads,
-        num_key_value_heads=most.num_attention_heads,
-        q_lora_rank=None,
-        kv_lora_rank=most.kv_lora_rank,
-        qk_nope_head_dim=most.qk_nope_head_dim,
-        qk_rope_head_dim=most.qk_rope_head_dim,
-        v_head_dim=most.v_head_dim,
-        n_routed_experts=mamoe.num_experts,
-        num_experts_per_tok=mamoe.topk,
-        moe_intermediate_size=most.moe_ffn_size,
-        n_shared_experts=shared // most.moe_ffn_size,
-        first_k_dense_replace=most.first_k_dense,
-        topk_method="greedy",
-        norm_topk_prob=False,
-        routed_scaling_factor=1.0,
-        rms_norm_eps=most.rms_norm_eps,
-        initializer_range=most.init_std,
-        tie_word_embeddings=False,
-        max_position_embeddings=most.max_position_embeddings,
-        rope_parameters=dict(
-            rope_type="yarn",
-            rope_theta=most.rope_theta,
-            factor=most.rope_factor,
-            original_max_position_embeddings=most.original_max_position_embeddings,
-            beta_fast=most.beta_fast,
-            beta_slow=most.beta_slow,
-            mscale=most.mscale,
-            mscale_all_dim=most.mscale_all_dim,
-        ),
-        attention_dropout=0.0,
     )
     fields.update(overrides)
     return fields
