@@ -210,6 +210,9 @@ def test_blend_weights_honoured(data):
     config = _config(prefixes, [0.4, 0.4, 0.2], split="100,0,0", create_attention_mask=False)
     train, valid, test = build_datasets(config, [10000, 0, 0])
     assert valid is None and test is None and len(train) == 10000
+    assert build_datasets(config, [10000, None, None])[1:] == [None, None]  # empty splits need no size
+    with pytest.raises(ConfigError, match=r"sizes\[1\] \(valid\) is None but the blend has weights"):
+        build_datasets(_config(prefixes, [0.4, 0.4, 0.2], split="90,10,0"), [10000, None, None])
     counts = np.bincount([int(train[i]["dataset_id"]) for i in range(len(train))], minlength=3)
     assert np.allclose(counts / 10000, [0.4, 0.4, 0.2], atol=0.01), counts
     for source, name in enumerate(("asr", "tts", "text")):  # each source's items hold its own samples

@@ -30,7 +30,23 @@ def is_built_on_rank() -> bool:
 def build_datasets(config: AudioTextDatasetConfig, sizes: list[int | None]) -> list:
     """[train, valid, test] (None where the split is 0); sizes = items wanted per split (None = one
     epoch; a blend with weights needs an int for every split, Megatron's rule)."""
-    return BlendedMegatronDatasetBuilder(AudioTextDataset, sizes, is_built_on_rank, config).build()
+    return BlendedMegatronDatasetBuilder(AudioTextDataset, _check_sizes(config, sizes), is_built_on_rank, config).build()
+
+
+def _check_sizes(config: AudioTextDatasetConfig, sizes: list[int | None]) -> list[int | None]:
+    """Megatron asserts on a weighted blend with a None size; an empty split needs no size."""
+    require(len(sizes) == 3, f"sizes={sizes}: give [train, valid, test] item counts")
+    weighted = config.blend is not None and config.blend[1] is not None
+    names = ("train", "valid", "test")
+    sizes = list(sizes)
+    for i, size in enumerate(sizes):
+        empty = config.blend_per_split is None and config.split_matrix[i] is None
+        if size is None and empty:
+            sizes[i] = 0  # the split ratio is 0: nothing to build
+        require(sizes[i] is not None or not weighted,
+                f"sizes[{i}] ({names[i]}) is None but the blend has weights {config.blend[1] if weighted else None}; "
+                "give the number of items for that split (a weighted blend is drawn to a length)")
+    return sizes
 
 
 def collate(items: list[dict]) -> dict[str, torch.Tensor | None]:

@@ -133,7 +133,8 @@ def check_header(source: AudioTextSource, config: AudioTextDatasetConfig) -> Non
     if h["text_vocab_size"] != config.text_vocab_size:
         raise ConfigError(
             f"{path}: text_vocab_size={h['text_vocab_size']} but the model has "
-            f"text_vocab_size={config.text_vocab_size}; preprocess with the model's tokenizer"
+            f"text_vocab_size={config.text_vocab_size}; preprocess with the model's tokenizer and "
+            "--preset/--text-vocab-size of the model (tools/preprocess_audio_text.py)"
         )
     # 0 in the header = the dataset holds no unit tokens / no features, which fits any model.
     if h["num_units"] and h["num_units"] != config.num_units:
