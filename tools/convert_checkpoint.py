@@ -1,13 +1,22 @@
 """Checkpoint conversion.
 
     python tools/convert_checkpoint.py hf-to-megatron --hf DeepSeek-V2-Lite/ --out ckpt/most_init \
-        --preset deepseek_v2_lite_most [--seed 0] [--dtype bf16] [--verify]
+        --preset deepseek_v2_lite_most [--tp 2 --pp 1 --ep 4 --etp 1] [--seed 0] [--dtype bf16] [--verify]
 
 hf-to-megatron reads the HF safetensors checkpoint (index + shards, bf16) and config.json (the
 hub's rope_scaling or transformers 5's rope_parameters), maps it with the table in
 megatron_most/convert/mapping.py onto MoSTModel (preset: MAMoE groups, audio paths), and writes
-a torch_dist checkpoint that loads at any TP/PP/EP layout, in the HF checkpoint's dtype unless
---dtype says otherwise. One process, one tensor in memory at a time.
+a torch_dist checkpoint in the HF checkpoint's dtype unless --dtype says otherwise. One
+process, one tensor in memory at a time.
+
+--tp/--pp/--ep/--etp (default 1/1/1 and etp = tp; --sp on by default when tp > 1, as
+Megatron-Core requires for MoE with TP) name the layout the checkpoint is made for: it is
+checked against config.json before any shard is read (EP divides the experts, TP the heads,
+the dense and shared FFN widths and the padded vocabulary, ETP the expert FFN width, PP <= layers;
+an error names the flag and exits 2 with nothing written), --verify runs the Megatron side
+at it, and conversion.json in --out records it with the source, dtype and verify figures. The
+torch_dist checkpoint itself is layout-independent: it reshards on load to any layout that
+divides the model.
 
     python tools/convert_checkpoint.py megatron-to-hf --megatron ckpt/most_init --out hf_export/ \
         [--tokenizer DeepSeek-V2-Lite/] [--bos-id 100000 --eos-id 100001] [--format auto] \
@@ -25,7 +34,8 @@ come from --tokenizer, else --bos-id/--eos-id, else DeepSeek-V2's 100000/100001.
 --verify (both directions) runs the source and the converted model on the same inputs (text,
 and text with unit tokens and audio-feature spans for a MoST model; both models in memory in
 fp32), prints the max abs logit difference and PASS/FAIL; on FAIL nothing is written and the
-exit status is 1. Other errors exit with 2.
+exit status is 1. Other errors exit with 2. hf-to-megatron at a layout other than TP = PP = EP = 1
+runs the converted model on lcm(tp*pp, etp*ep*pp) gloo processes on this machine (CPU).
 """
 
 from __future__ import annotations
@@ -40,13 +50,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    h2m = sub.add_parser("hf-to-megatron", help="HF DeepSeek-V2 safetensors -> MoST torch_dist checkpoint")
+    h2m = sub.add_parser(
+        "hf-to-megatron", help="HF DeepSeek-V2 safetensors -> MoST torch_dist checkpoint",
+        description="HF DeepSeek-V2 safetensors -> MoST torch_dist checkpoint. The checkpoint reshards on load: it "
+        "loads at any TP/PP/EP/ETP layout that divides the model. --tp/--pp/--ep/--etp name the layout it is made "
+        "for: checked against config.json before anything is read or written, used by --verify, and recorded in "
+        "conversion.json next to most_config.json.",
+    )
     h2m.add_argument("--hf", required=True, help="HF checkpoint directory (config.json + safetensors)")
     h2m.add_argument("--out", required=True, help="output checkpoint directory (must not exist or be empty)")
     h2m.add_argument("--preset", required=True, help="MoSTConfig preset giving MAMoE groups and audio paths")
     h2m.add_argument("--seed", type=int, default=0, help="seed of the newly initialised tensors")
     h2m.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), help="checkpoint dtype (default: the HF checkpoint's)")
-    h2m.add_argument("--verify", action="store_true", help="compare logits of the source and converted models")
+    h2m.add_argument("--tp", type=int, default=1, help="target tensor-parallel size (default 1)")
+    h2m.add_argument("--pp", type=int, default=1, help="target pipeline-parallel size (default 1)")
+    h2m.add_argument("--ep", type=int, default=1, help="target expert-parallel size (default 1)")
+    h2m.add_argument("--etp", type=int, default=None, help="target expert tensor-parallel size (default: --tp)")
+    h2m.add_argument("--sp", action=argparse.BooleanOptionalAction, default=None,
+                     help="sequence parallelism in the target layout (default: on when --tp > 1)")
+    h2m.add_argument("--verify", action="store_true",
+                     help="compare logits of the source and converted models, the converted one run at the target "
+                     "layout (gloo processes on this machine unless 1x1x1); FAIL exits 1 and writes nothing")
     m2h = sub.add_parser("megatron-to-hf", help="MoST torch_dist checkpoint -> Hugging Face checkpoint")
     m2h.add_argument("--megatron", required=True, help="torch_dist checkpoint directory (with most_config.json)")
     m2h.add_argument("--out", required=True, help="output HF directory (must not exist or be empty)")
@@ -78,7 +102,9 @@ def main(argv=None) -> int:
             from megatron_most.convert.hf_to_megatron import convert
             from megatron_most.model.config import preset
 
-            convert(args.hf, args.out, preset(args.preset), seed=args.seed, dtype=dtype, verify=args.verify)
+            sp = args.tp > 1 if args.sp is None else args.sp
+            layout = ParallelLayout(tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp, sp=sp)
+            convert(args.hf, args.out, preset(args.preset), seed=args.seed, dtype=dtype, layout=layout, verify=args.verify)
     except VerifyError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

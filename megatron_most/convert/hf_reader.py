@@ -146,10 +146,17 @@ class HFCheckpoint:
         return math.prod(self.shape(name))
 
     def config(self) -> dict:
-        path = self.dir / "config.json"
-        if not path.exists():
-            raise CheckpointError(f"{self.dir}: config.json is missing")
-        try:
-            return json.loads(path.read_text())
-        except ValueError as e:
-            raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+        return read_config(self.dir)
+
+
+def read_config(directory: str | os.PathLike) -> dict:
+    """config.json of an HF checkpoint directory (read alone, before any shard is opened)."""
+    path = Path(directory) / "config.json"
+    if not Path(directory).is_dir():
+        raise CheckpointError(f"{directory}: not a directory")
+    if not path.exists():
+        raise CheckpointError(f"{directory}: config.json is missing")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from e

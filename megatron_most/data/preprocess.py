@@ -29,13 +29,12 @@ from typing import Any, Iterator
 import numpy as np
 
 from megatron_most.data import indexed
+from megatron_most.data.templates import MODES, TASKS
 from megatron_most.options import ConfigError, options, require
 
-TASKS = ("asr", "tts", "lm", "instruct")
-MODES = ("units", "features")
 MANIFEST_KIND = {"asr": "speech", "tts": "speech", "lm": "text", "instruct": "instruct"}
 UNITS_LAYER = 11  # mHuBERT-base layer the release clusters (MOST_SPEC.md "Audio paths")
-SAMPLE_RATE = 16000
+SAMPLE_RATE = 16000  # HuBERT input rate
 
 
 @options
