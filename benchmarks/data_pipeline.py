@@ -7,7 +7,8 @@
    random 500-centroid codebook (throughput does not depend on the centroid values), a small
    sentencepiece tokenizer.
 3. Reads the packed dataset through megatron_most.data.dataset.AudioTextDataset (built by
-   BlendedMegatronDatasetBuilder, seq 2048, no dense attention mask) at random indices, one thread.
+   BlendedMegatronDatasetBuilder, seq 2048, default settings: no dense
+   attention mask, MoSTModel derives the block-diagonal mask from the reset position ids) at random indices, one thread.
 
 Reported: audio hours packed per wall-clock minute (whole run: model loading, decoding, HuBERT,
 units, rendering, writing, merging); the share of that wall time not spent inside the HuBERT
@@ -18,7 +19,7 @@ forward calls (summed over workers, divided by workers x wall; target <= 15%); t
 
 The last line printed is `pack: X audio-h/min, non-model share Y%, read Z samples/s`.
 Measured here (2 CPU cores shared with other jobs, random mHuBERT-base shape, 200 utterances =
-16.1 audio minutes, workers 1): `pack: 0.053 audio-h/min, non-model share 3.1%, read 9617 samples/s`.
+16.1 audio minutes, workers 1): `pack: 0.064 audio-h/min, non-model share 1.6%, read 9990 samples/s`.
 """
 
 from __future__ import annotations
@@ -98,7 +99,7 @@ def read_speed(prefix: str, header: dict, args) -> tuple[float, int]:
     torch.set_num_threads(1)
     config = AudioTextDatasetConfig(
         random_seed=1234, sequence_length=args.seq_length, blend=([prefix], None), split="100,0,0",
-        text_vocab_size=header["text_vocab_size"], num_units=header["num_units"], create_attention_mask=False,
+        text_vocab_size=header["text_vocab_size"], num_units=header["num_units"],
     )
     train, _, _ = build_datasets(config, [None, None, None])
     order = np.random.default_rng(0).integers(0, len(train), args.reads)

@@ -130,3 +130,16 @@ def test_options_errors():
     with pytest.raises(ConfigError, match="did you mean 'sample_rate'"):
         AudioOptions.from_dict({"samplerate": 16000})
     assert AudioLoader(AudioOptions(device="cpu")).load([]) == []
+
+
+def test_silently_short_dali_decode_goes_to_soundfile(corpus, monkeypatch):
+    """A WAV/FLAC that DALI decodes short without an error is re-decoded by soundfile, which gets
+    the whole file (or names the truncation): never a half waveform passed off as good."""
+    paths = [p for p in corpus if p.endswith((".wav", ".flac"))]
+    full = AudioLoader(AudioOptions()).load(paths)
+    loader = AudioLoader(AudioOptions())
+    decode = loader._decode_batch
+    monkeypatch.setattr(loader, "_decode_batch", lambda probes: [w[: len(w) // 2] for w in decode(probes)])
+    for path, wave, ref in zip(paths, loader.load(paths), full):
+        assert len(wave) == len(ref), path  # the soundfile + DALI resample path decoded it all
+        assert_matches_reference(wave, path)

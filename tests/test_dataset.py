@@ -5,6 +5,8 @@ rebuilt from them with plain loops, never from the dataset's own arrays.
 """
 
 import hashlib
+import json
+import os
 
 import numpy as np
 import pytest
@@ -77,6 +79,7 @@ def data(tmp_path_factory):
 def _config(prefixes, weights=None, **kw):
     kw.setdefault("random_seed", 7)
     kw.setdefault("split", "80,10,10")
+    kw.setdefault("create_attention_mask", True)  # the dense mask is checked against the reference
     return AudioTextDatasetConfig(
         sequence_length=SEQ, blend=(prefixes, weights), text_vocab_size=T, num_units=K, feature_dim=DIM, **kw
     )
@@ -287,7 +290,7 @@ def test_data_loader_splits_micro_batches_over_dp(data):
 
 
 
-def _packed_vs_alone(prefix):
+def _packed_vs_alone(prefix, dense_mask):
     """Logits of a packed item and of each of its samples run alone through model.config.tiny()."""
     from megatron_most.model.config import tiny
     from megatron_most.model.most import build_model
@@ -297,14 +300,16 @@ def _packed_vs_alone(prefix):
     initialize(ParallelLayout(), num_experts=most.mamoe.num_experts)
     model = build_model(most, most.transformer_config()).eval()
     config = AudioTextDatasetConfig.for_model(
-        most, sequence_length=SEQ, random_seed=7, blend=([prefix], None), split="1,0,0"
+        most, sequence_length=SEQ, random_seed=7, blend=([prefix], None), split="1,0,0",
+        create_attention_mask=dense_mask,
     )
     train = build_datasets(config, [None, None, None])[0]
     idx = next(i for i in range(len(train)) if len(train.samples(i)) >= 2 and train[i]["padding_mask"].any())
     batch = collate([train[idx]])
     tokens = batch["tokens"]
     with torch.no_grad():
-        packed = model(tokens, batch["position_ids"], batch["attention_mask"], padding_mask=batch["padding_mask"],
+        mask = batch["attention_mask"] if dense_mask else None  # None: MoSTModel derives it from position_ids
+        packed = model(tokens, batch["position_ids"], mask, padding_mask=batch["padding_mask"],
                        audio_features=batch["audio_features"], audio_lengths=batch["audio_lengths"])
         alone, start, frame = [], 0, 0
         for length in train.dataset.lengths[train.samples(idx)].tolist():
@@ -313,10 +318,50 @@ def _packed_vs_alone(prefix):
             feats = batch["audio_features"][frame : frame + frames] if frames else None
             alone.append(model(ids, torch.arange(length)[None], None, audio_features=feats))
             start, frame = start + length, frame + frames
+        if not dense_mask:  # TE's causal core attention would ignore the derived mask: refused, not silent
+            model.uses_te = True
+            try:
+                model(tokens, batch["position_ids"], None, audio_features=batch["audio_features"])
+                raise AssertionError("packed rows on the TE path were not refused")
+            except NotImplementedError as err:
+                assert "PackedSeqParams" in str(err)
     return packed[0, :start], torch.cat(alone, dim=1)[0]
 
 
-def test_packed_item_equals_samples_run_alone(data):
-    """Through the real model: the mask, reset positions and feature order isolate packed samples."""
-    packed, alone = run_distributed(_packed_vs_alone, 1, args=(data["asr"][0],), timeout_s=120)[0]
+@pytest.mark.parametrize("dense_mask", [True, False])
+def test_packed_item_equals_samples_run_alone(data, dense_mask):
+    """Through the real model: the mask (the dataset's, or derived by MoSTModel from the reset
+    position ids), reset positions and feature order isolate packed samples."""
+    packed, alone = run_distributed(_packed_vs_alone, 1, args=(data["asr"][0], dense_mask), timeout_s=120)[0]
     torch.testing.assert_close(packed, alone, rtol=1e-4, atol=1e-4)
+
+
+def test_model_mask_from_positions_equals_dataset_mask(data):
+    from megatron_most.model.packing import segment_mask
+
+    (train, _, _), _ = _single(data, "asr")
+    batch = collate([train[i] for i in range(6)])
+    assert torch.equal(segment_mask(batch["position_ids"]), batch["attention_mask"])
+    assert segment_mask(torch.arange(SEQ)[None]) is None  # one sample per row: plain causal
+
+
+def test_blend_of_incompatible_datasets_refused(data, tmp_path):
+    """A mixture must share tokenizer and codebook; modes may differ (features ASR + units TTS)."""
+    from megatron_most.data.indexed import DatasetFormatError, merge_datasets
+
+    rng = np.random.default_rng(3)
+    for name, field in (("tok", "tokenizer_sha256"), ("code", "codebook_sha256")):
+        _write(tmp_path / name, [_tts(rng) for _ in range(20)], feature_dim=0)
+        header = json.loads((tmp_path / f"{name}.json").read_text())
+        (tmp_path / f"{name}.json").write_text(json.dumps({**header, field: "another"}))
+        config = _config([data["asr"][0], data["tts"][0], str(tmp_path / name)], [0.4, 0.4, 0.2], split="100,0,0")
+        with pytest.raises(DatasetFormatError, match=rf"cannot blend .*{name}.*: {field} is 'another'"):
+            build_datasets(config, [100, 0, 0])
+    mixed = _config([data["asr"][0], data["tts"][0]], [0.5, 0.5], split="100,0,0")  # features + units modes
+    assert len(build_datasets(mixed, [100, 0, 0])[0]) == 100
+    with pytest.raises(DatasetFormatError, match="cannot merge .*: mode is 'units'"):
+        merge_datasets([data["asr"][0], data["tts"][0]], str(tmp_path / "merged"))
+    spelled = os.path.join(os.path.dirname(data["tts"][0]), ".", "tts")  # the input under another spelling
+    with pytest.raises(ConfigError, match="is also an input"):
+        merge_datasets([data["tts"][0], data["text"][0]], spelled, overwrite=True)
+    assert os.path.exists(data["tts"][0] + ".bin")

@@ -95,12 +95,19 @@ class AudioLoader:
         for start in range(0, len(dali), self.options.batch_size):
             chunk = dali[start:start + self.options.batch_size]
             for (i, probe), wave in zip(chunk, self._decode_batch([p for _, p in chunk])):
-                if wave is None:
-                    fallback.append((i, probe))  # DALI could not decode it alone either: let soundfile say why
+                if wave is None or self._short(wave, probe):
+                    # DALI could not decode it alone, or decoded fewer frames than the header
+                    # declares without an error: soundfile decodes it again and says why.
+                    fallback.append((i, probe))
                 else:
                     results[i] = wave
         self._load_fallback(fallback, results)
         return [self._check_length(wave) for wave in results]
+
+    def _short(self, wave: np.ndarray, probe: _Probe) -> bool:
+        """Fewer samples than the header's exact frame count gives after resampling (1 of rounding slack)."""
+        expected = resampled_length(probe.frames, probe.rate, self.options.sample_rate)
+        return probe.format in EXACT_FRAME_FORMATS and len(wave) < expected - 1
 
     # --- DALI decode path --------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ import torch
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 
 from megatron_most.data.dataset import AudioTextDataset, AudioTextDatasetConfig
+from megatron_most.data.indexed import check_compatible, read_header
 from megatron_most.options import require
 
 FIXED = ("tokens", "labels", "loss_mask", "position_ids", "modality", "padding_mask", "attention_mask")
@@ -30,7 +31,18 @@ def is_built_on_rank() -> bool:
 def build_datasets(config: AudioTextDatasetConfig, sizes: list[int | None]) -> list:
     """[train, valid, test] (None where the split is 0); sizes = items wanted per split (None = one
     epoch; a blend with weights needs an int for every split, Megatron's rule)."""
-    return BlendedMegatronDatasetBuilder(AudioTextDataset, _check_sizes(config, sizes), is_built_on_rank, config).build()
+    sizes = _check_sizes(config, sizes)
+    _check_blend(config)
+    return BlendedMegatronDatasetBuilder(AudioTextDataset, sizes, is_built_on_rank, config).build()
+
+
+def _check_blend(config: AudioTextDatasetConfig) -> None:
+    """Every dataset of the mixture must use the same tokenizer, codebook and feature extractor
+    (each is also checked against the model's layout when it is built)."""
+    blends = [config.blend] if config.blend is not None else [b for b in config.blend_per_split or [] if b]
+    prefixes = list(dict.fromkeys(p for blend in blends for p in blend[0]))  # unique, in order
+    if len(prefixes) > 1:
+        check_compatible([(p, read_header(p)) for p in prefixes], action="blend")
 
 
 def _check_sizes(config: AudioTextDatasetConfig, sizes: list[int | None]) -> list[int | None]:

@@ -12,7 +12,8 @@ several whole samples, packed greedily (next-fit) in a seeded shuffled order:
     modality        [seq] int64   TokenLayout.modality (1 = unit or <feat>)
     padding_mask    [seq] bool    True = padding
     attention_mask  [1, seq, seq] bool, True = masked: causal within a sample, nothing across
-                                  samples (only with create_attention_mask)
+                                  samples (only with create_attention_mask; MoSTModel derives it
+                                  from position_ids)
     audio_features  [frames, dim] float32, the item's <feat> frames in placeholder order
     audio_lengths   [spans] int64 frames per run of <feat> (one <boa> <feat>... <eoa> span each)
 
@@ -56,9 +57,10 @@ class AudioTextDatasetConfig(BlendedMegatronDatasetConfig):
     """Continuous feature size of the model (MoSTConfig.audio_feature_dim); 0 = no continuous path."""
     pad_id: int = 0
     """Token id written at padding positions (a text id; padding is never attended to or a target)."""
-    create_attention_mask: bool = True
-    """Return the block-diagonal causal attention_mask [1, seq, seq] (4 MiB per item at seq 2048).
-    Needed by attention that takes a dense mask; packed samples must not see each other."""
+    create_attention_mask: bool = False
+    """Also return the dense block-diagonal causal attention_mask [1, seq, seq] (4 MiB per item at
+    seq 2048). MoSTModel does not need it: it derives the same mask from the position ids, which
+    restart at every packed sample (model/packing.py). For models that take only a dense mask."""
     pack: bool = True
     """Pack several samples per sequence; False = one sample per sequence, the rest padding."""
 

@@ -408,25 +408,33 @@ def _scan_tokens(prefix: str, h: dict, lengths: np.ndarray, feature_lengths: np.
 # ----------------------------------------------------------------------------------------- merge
 
 # Header fields that must agree for samples of two datasets to mean the same thing to one model.
-_SAME = ("mode", "feature_dim", "text_vocab_size", "tokenizer_sha256")
+_SAME_TEXT = ("text_vocab_size", "tokenizer_sha256")  # token ids of another tokenizer are other words
+_SAME_FILES = ("mode", "feature_dim")  # one set of .bin/.idx files holds one mode
 _SAME_FEATURES = ("hubert_sha256", "hubert_layer")  # features of another model or layer are another space
-_SAME_UNITS = ("codebook_sha256",)  # unit k of another codebook is another sound
+_SAME_UNITS = ("num_units", "codebook_sha256", "units_layer")  # unit k of another codebook is another sound
 
 
-def merge_header_check(headers: list[tuple[str, dict]]) -> None:
-    """Raise DatasetFormatError naming the first field on which two datasets are incompatible."""
+def check_compatible(headers: list[tuple[str, dict]], *, action: str = "merge") -> None:
+    """Raise DatasetFormatError naming the first field on which two datasets disagree.
+
+    action="merge": one output file, so mode and feature_dim must agree too. action="blend": a
+    training mixture may mix modes (features-mode ASR with units-mode TTS), but text ids, features
+    and units must mean the same in every dataset that has them.
+    """
     (first_prefix, first), rest = headers[0], headers[1:]
     for prefix, h in rest:
-        fields = list(_SAME) + (list(_SAME_FEATURES) if first["mode"] == "features" else [])
+        fields = list(_SAME_TEXT) + (list(_SAME_FILES) if action == "merge" else [])
+        if first["feature_dim"] and h["feature_dim"]:
+            fields += list(_SAME_FEATURES)
         if first["num_units"] and h["num_units"]:
-            fields += list(_SAME_UNITS) + ["num_units"]
+            fields += list(_SAME_UNITS)
         for field in fields:
             if first.get(field) != h.get(field):
                 raise DatasetFormatError(
-                    f"cannot merge {prefix} into {first_prefix}: {field} is {h.get(field)!r} in {header_path(prefix)} "
-                    f"but {first.get(field)!r} in {header_path(first_prefix)}; only datasets packed with the same "
-                    "tokenizer, token layout, mode and feature extractor/codebook can share one file (blend "
-                    "incompatible ones at training time instead, or re-pack one of them)"
+                    f"cannot {action} {prefix} with {first_prefix}: {field} is {h.get(field)!r} in {header_path(prefix)} "
+                    f"but {first.get(field)!r} in {header_path(first_prefix)}; re-pack one of them with the other's "
+                    "tokenizer, token layout and feature extractor/codebook"
+                    + (" (or blend them at training time if only the mode differs)" if action == "merge" else "")
                 )
 
 
@@ -437,12 +445,12 @@ def merge_datasets(inputs: list[str], output: str, *, overwrite: bool = False) -
     if not inputs:
         raise ConfigError("inputs: give at least one dataset prefix to merge")
     out = str(output)
-    if out in [str(p) for p in inputs]:
+    if Path(out).resolve() in [Path(p).resolve() for p in inputs]:
         raise ConfigError(f"output={out!r} is also an input; write the merge to a new prefix")
     if header_path(out).exists() and not overwrite:
         raise ConfigError(f"output={out!r}: a dataset is already there; pass --overwrite or choose another prefix")
     headers = [(str(p), read_header(p)) for p in inputs]
-    merge_header_check(headers)
+    check_compatible(headers, action="merge")
     first = headers[0][1]
     if overwrite:
         remove_dataset(out)

@@ -9,6 +9,9 @@ Text tokens, discrete HuBERT unit tokens and continuous HuBERT features share on
   placeholder's embedding. The sequence length never changes, so labels, loss mask, position
   ids and modality ids stay aligned; placeholders carry modality 1 and are never targets.
 
+Packed rows (position ids restarting at 0 inside a row, as data/dataset.py makes them) get a
+block-diagonal causal mask derived here (model/packing.py) unless a mask is passed.
+
 Modality ids derive from the token ids on every pipeline stage, so generation needs no extra
 input; they reach the MAMoE layers through Megatron's `padding_mask` argument (moe.layer).
 """
@@ -21,7 +24,9 @@ from megatron.core.models.gpt import GPTModel
 
 from megatron_most.model.config import MoSTConfig
 from megatron_most.moe import mamoe_block_spec, pack_routing_info
+from megatron_most.model.packing import segment_mask
 from megatron_most.options import ConfigError
+from megatron_most.platform import has_transformer_engine
 
 
 class MoSTModel(GPTModel):
@@ -49,6 +54,7 @@ class MoSTModel(GPTModel):
         )
         self.most = most
         self.tokens = most.tokens
+        self.uses_te = has_transformer_engine() if use_te is None else use_te
         self.audio_projection = None
         if pre_process and most.audio_feature_dim:
             self.audio_projection = torch.nn.Linear(most.audio_feature_dim, config.hidden_size, bias=True)
@@ -69,12 +75,26 @@ class MoSTModel(GPTModel):
     ):
         if self.pre_process and self.most.validate_inputs:
             self.tokens.validate(input_ids, self.most.seq_length, audio_lengths)
+        if attention_mask is None and position_ids is not None:
+            attention_mask = self._packed_mask(position_ids)
         routing = pack_routing_info(self.tokens.modality(input_ids), padding_mask)
         decoder_input = self.embed(input_ids, position_ids, audio_features) if self.pre_process else None
         return super().forward(
             input_ids, position_ids, attention_mask, decoder_input=decoder_input, labels=labels,
             padding_mask=routing, **kwargs,
         )
+
+    def _packed_mask(self, position_ids: torch.Tensor) -> torch.Tensor | None:
+        """Block-diagonal causal mask when position ids restart mid-row (packed samples)."""
+        mask = segment_mask(position_ids)
+        if mask is not None and self.uses_te:
+            # TE core attention with a causal mask type ignores a dense mask; packed samples would
+            # silently attend to each other. Its packed path (PackedSeqParams, THD) is not wired yet.
+            raise NotImplementedError(
+                "packed sequences (position_ids restarting inside a row) need PackedSeqParams on the Transformer "
+                "Engine path; build the model with use_te=False or the dataset with pack=False"
+            )
+        return mask
 
     def embed(self, input_ids, position_ids, audio_features=None) -> torch.Tensor:
         """Token embeddings with audio frames in place: [seq(/tp under SP), batch, hidden]."""
