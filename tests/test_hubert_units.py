@@ -224,3 +224,10 @@ def test_train_units_max_hours_budget(tmp_path, corpus, hubert_dir, capsys):
     assert summary["rejected"] == {"manifest: not JSON (Expecting value at column 1)": 1, "audio: missing file": 1}
     assert tool.main(args[:-2] + ["--k", "100000", "--output", str(tmp_path / "x.safetensors")]) == 2
     assert "k=100000 centroids need at least 100000" in capsys.readouterr().err
+    assert tool.main(args + ["--max-frames", "60"]) == 0  # reservoir: the fit sees 60 of all frames
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["fit_frames"] == 60 and summary["frames"] > 60 and summary["utterances"] == 6
+    assert tool.main(args + ["--max-frames", "2"]) == 2
+    assert "--max-frames=2: must be >= --k=4" in capsys.readouterr().err
+    assert tool.main(args[:3] + [str(tmp_path)] + args[4:]) == 2  # --hubert without config.json
+    assert "no config.json" in capsys.readouterr().err

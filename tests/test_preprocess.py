@@ -22,7 +22,8 @@ import torch
 
 from megatron_most.data import indexed
 from megatron_most.data.indexed import DatasetFormatError, open_audio_text
-from megatron_most.data.preprocess import PreprocessOptions, preprocess
+from megatron_most.data.preprocess import (TOKENIZER_FILES, PreprocessOptions, _sha256, make_plan, preprocess,
+                                           shard_done)
 from megatron_most.options import ConfigError
 from tests import speech
 
@@ -254,12 +255,19 @@ def test_interrupted_run_resumes_only_unfinished_shards(env, units_run, tmp_path
 
     with pytest.raises(ConfigError, match="other settings.*mode"):  # resuming with other settings is refused
         preprocess(_opts(env, prefix, inputs=(str(manifest),), shard_size=2, mode="features"))
+    with pytest.raises(ConfigError, match="other settings.*max_seconds: was 60.0, now 30.0"):
+        preprocess(_opts(env, prefix, inputs=(str(manifest),), shard_size=2, max_seconds=30.0))
     header = preprocess(_opts(env, prefix, inputs=(str(manifest),), shard_size=2, keep_shards=True),
                         log=lambda *_: None)
     assert header["shards_resumed"] == len(done) and header["shards_packed"] == 16 - len(done)
     after = _done_markers(shards)
     assert len(after) == 16 and all(after[name] == mtime for name, mtime in done.items())
     assert _read(prefix) == _read(units_run[0]) * 4
+
+    # Without run.json, each shard's own header still keeps shards of other settings out of a resume.
+    same = make_plan(_opts(env, prefix, inputs=(str(manifest),), shard_size=2), log=lambda *_: None)
+    other = make_plan(_opts(env, prefix, inputs=(str(manifest),), shard_size=2, max_seconds=30.0), log=lambda *_: None)
+    assert shard_done(shards, 0, same) is not None and shard_done(shards, 0, other) is None
 
     with pytest.raises(ConfigError, match="already there.*--overwrite"):
         preprocess(_opts(env, prefix, inputs=(str(manifest),), shard_size=2))
@@ -348,3 +356,162 @@ def test_mismatched_components_are_refused(tmp_path):
     _rewrite_header(mixed, feature_dim=3)
     with pytest.raises(DatasetFormatError, match="not a multiple of feature_dim 3"):
         open_audio_text(mixed)
+
+
+# ------------------------------------------------------------------------------ instruct, limits, templates
+
+USER_TEXT, REPLY = "What is the weather like?", "It is sunny today."
+CHAT = "Respond to the following input."
+
+
+def _instruct_manifest(env, path: Path) -> Path:
+    """spoken question + text reply; text question + text reply; text question + spoken reply."""
+    audio = json.loads(env["lines"][0])["audio"]
+    samples = [
+        [{"role": "user", "audio": audio}, {"role": "assistant", "content": REPLY}],
+        [{"role": "user", "content": USER_TEXT}, {"role": "assistant", "content": REPLY}],
+        [{"role": "user", "content": USER_TEXT}, {"role": "assistant", "audio": audio}],
+    ]
+    path.write_text("".join(json.dumps({"id": f"chat{i}", "messages": m}) + "\n" for i, m in enumerate(samples)))
+    return path
+
+
+def _reference_chat(sp, user, reply):
+    """One user/assistant pair in the release template; user/reply are text or a list of audio token ids."""
+    def run(text_before, value, text_after=""):
+        if isinstance(value, str):
+            return sp.encode(text_before + value + text_after)
+        return [*sp.encode(text_before), *value, *(sp.encode(text_after) if text_after else [])]
+
+    prompt = [sp.bos_id(), *run(CHAT + "\n\n", user), sp.eos_id(), *sp.encode("\n\nOutput: ")]
+    response = [sp.bos_id(), *run("", reply), sp.eos_id()]
+    return prompt + response, [0] * len(prompt) + [1] * len(response)
+
+
+def test_instruct_features_units_and_text_only(env, tmp_path):
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(env["sp"]))
+    T = sp.get_piece_size()
+    manifest = _instruct_manifest(env, tmp_path / "chat.jsonl")
+    units = [T, *(T + 3 + u for u in _reference_units(env["feats"][0][LAYER], env["centroids"].centroids.numpy())),
+             T + 1]
+    frames = env["feats"][0][-1]  # [frames, 32] last layer
+    text_pair = _reference_chat(sp, USER_TEXT, REPLY)
+
+    # features without a codebook: the spoken reply is rejected with its reason (no crash)
+    header = preprocess(_opts(env, tmp_path / "f", task="instruct", inputs=(str(manifest),), mode="features",
+                              units=None), log=lambda *_: None)
+    assert header["samples"] == 2 and header["rejected_by_reason"] == {"spoken reply needs --units": 1}
+    (t0, m0, f0), (t1, m1, _) = _read(tmp_path / "f")
+    assert (t0, m0) == _reference_chat(sp, [T, *[T + 2] * len(frames), T + 1], REPLY)
+    np.testing.assert_allclose(f0.view(np.float16).reshape(-1, 32).astype(np.float32), frames, atol=2e-2, rtol=1e-2)
+    assert (t1, m1) == text_pair
+
+    # units with a codebook: all three, the spoken reply as target units
+    header = preprocess(_opts(env, tmp_path / "u", task="instruct", inputs=(str(manifest),)), log=lambda *_: None)
+    assert header["samples"] == 3 and header["rejected"] == 0
+    samples = [(t, m) for t, m, _ in _read(tmp_path / "u")]
+    assert samples == [_reference_chat(sp, units, REPLY), text_pair, _reference_chat(sp, USER_TEXT, units)]
+
+    # text-only instruct data: no --hubert / --units needed; audio samples rejected, not the run
+    header = preprocess(_opts(env, tmp_path / "t", task="instruct", inputs=(str(manifest),), hubert=None,
+                              units=None, max_tokens=len(text_pair[0])), log=lambda *_: None)
+    assert header["samples"] == 1 and header["rejected_by_reason"] == {"audio needs --hubert": 2}
+    assert [(t, m) for t, m, _ in _read(tmp_path / "t")] == [text_pair]
+    with pytest.raises(ConfigError, match="units=None with task='tts'.*--units"):
+        _opts(env, tmp_path / "x", task="tts", units=None)
+
+    # over-long non-lm samples are rejected, counted by kind
+    header = preprocess(_opts(env, tmp_path / "long", task="instruct", inputs=(str(manifest),), hubert=None,
+                              units=None, max_tokens=len(text_pair[0]) - 1), log=lambda *_: None)
+    assert header["samples"] == 0 and header["rejected_by_reason"] == {"audio needs --hubert": 2, "too long": 1}
+    rejects = [json.loads(line) for line in Path(f"{tmp_path / 'long'}.rejects.jsonl").read_text().splitlines()]
+    too_long = [r for r in rejects if r["reason"].startswith("too long")]
+    assert [(r["id"], r["reason"]) for r in too_long] == [
+        ("chat1", f"too long: {len(text_pair[0])} tokens > {len(text_pair[0]) - 1} (max_tokens)")]
+
+
+def test_lm_documents_split_at_max_tokens(env, tmp_path):
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(env["sp"]))
+    corpus = speech.make_text_corpus(tmp_path / "text.jsonl", n=4)
+    texts = [json.loads(line)["text"] for line in corpus.read_text().splitlines()]
+    docs = [[sp.bos_id(), *sp.encode(text), sp.eos_id()] for text in texts]
+    limit = 9
+    log = []
+    header = preprocess(_opts(env, tmp_path / "lm", task="lm", inputs=(str(corpus),), hubert=None, units=None,
+                              max_tokens=limit), log=log.append)
+    expected = []
+    for doc in docs:  # consecutive pieces of <= limit tokens; each piece's first token is not a target
+        for start in range(0, len(doc), limit):
+            piece = doc[start:start + limit]
+            expected.append((piece, [0] + [1] * (len(piece) - 1)))
+    assert [(t, m) for t, m, _ in _read(tmp_path / "lm")] == expected
+    split = sum(len(d) > limit for d in docs)
+    assert split > 0 and header["split_documents"] == split and header["split_chunks"] == len(expected) - 4 + split
+    assert header["max_tokens"] == limit and f"split {split} long documents" in log[-1]
+
+
+def test_template_config_from_the_cli(env, tmp_path, capsys):
+    import sentencepiece as spm
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    import preprocess_audio_text as tool
+
+    sp = spm.SentencePieceProcessor(model_file=str(env["sp"]))
+    corpus = speech.make_text_corpus(tmp_path / "text.jsonl", n=3)
+    config = tmp_path / "templates.json"
+    config.write_text(json.dumps({"lm": "<bos>Document: {text}<eos>"}))
+    base = ["--input", str(corpus), "--task", "lm", "--tokenizer", str(env["sp"]), "--no-progress"]
+    assert tool.main(base + ["--output-prefix", str(tmp_path / "lm"), "--template-config", str(config)]) == 0
+    for (tokens, mask, _), line in zip(_read(tmp_path / "lm"), corpus.read_text().splitlines()):
+        assert tokens == [sp.bos_id(), *sp.encode("Document: " + json.loads(line)["text"]), sp.eos_id()]
+        assert mask == [0] + [1] * (len(tokens) - 1)
+    assert open_audio_text(tmp_path / "lm").header["templates"]["lm"] == "<bos>Document: {text}<eos>"
+
+    config.write_text(json.dumps({"lm_template": "<bos>{text}<eos>"}))
+    assert tool.main(base + ["--output-prefix", str(tmp_path / "x"), "--template-config", str(config)]) == 2
+    assert "unknown field 'lm_template'" in capsys.readouterr().err
+
+
+def test_short_clip_for_a_larger_receptive_field_is_rejected(env, tmp_path):
+    """A HuBERT with an extra conv (receptive field 720 samples): a 600-sample clip is 'too short', the rest packs."""
+    from transformers import HubertConfig, HubertModel
+
+    torch.manual_seed(0)
+    config = HubertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                          conv_dim=(32,) * 8, conv_kernel=(10, 3, 3, 3, 3, 2, 2, 2),
+                          conv_stride=(5, 2, 2, 2, 2, 2, 2, 2),
+                          num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, feat_extract_norm="group")
+    HubertModel(config).eval().save_pretrained(tmp_path / "hubert")
+    sf.write(tmp_path / "short.wav", 0.1 * np.sin(np.arange(600) / 5).astype(np.float32), 16000)
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(env["lines"][0] + "\n" + json.dumps({"id": "s", "audio": str(tmp_path / "short.wav"),
+                                                               "text": "hi"}) + "\n")
+    header = preprocess(_opts(env, tmp_path / "out", inputs=(str(manifest),), hubert=str(tmp_path / "hubert"),
+                              mode="features", units=None), log=lambda *_: None)
+    assert header["samples"] == 1 and header["rejected_by_reason"] == {"audio too short": 1}
+
+
+def test_plan_errors_come_before_any_deletion(env, units_run, tmp_path):
+    existing = _copy(units_run[0], tmp_path / "old")
+    shutil.copy(indexed.header_path(units_run[0]), indexed.header_path(existing))
+    (tmp_path / "no_hubert").mkdir()
+    with pytest.raises(ConfigError, match="hubert=.*no config.json"):
+        preprocess(_opts(env, existing, hubert=str(tmp_path / "no_hubert"), overwrite=True))
+    assert open_audio_text(existing).header["samples"] == 8  # the old dataset is untouched
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="device='gpu': CUDA is not available"):
+            preprocess(_opts(env, tmp_path / "gpu", device="gpu"))
+
+
+def test_tokenizer_hash_reads_only_tokenizer_files(tmp_path):
+    (tmp_path / "tokenizer.json").write_text('{"a": 1}')
+    (tmp_path / "model-00001.safetensors").write_bytes(b"weights")
+    first = _sha256(str(tmp_path), TOKENIZER_FILES)
+    (tmp_path / "model-00001.safetensors").write_bytes(b"other weights")
+    assert _sha256(str(tmp_path), TOKENIZER_FILES) == first
+    (tmp_path / "tokenizer.json").write_text('{"a": 2}')
+    assert _sha256(str(tmp_path), TOKENIZER_FILES) != first

@@ -6,6 +6,11 @@
 Utterances are shuffled (seeded) and encoded until --max-hours of audio is reached, so a large
 corpus costs only the audio the fit uses. Bad manifest lines and unreadable audio are skipped and
 counted in the summary (one JSON line on stdout).
+
+--max-frames (default 2,000,000: ~11 h at 50 Hz, 2e6 x 768 fp32 = 6 GB for mHuBERT-base) bounds the
+k-means memory: a seeded uniform reservoir sample of that many frames is kept from all encoded audio.
+HuBERT runs in fp32 (also on a GPU), like tools/preprocess_audio_text.py, so the codebook is fitted
+on the same features the units are later assigned from.
 """
 
 import argparse
@@ -14,6 +19,7 @@ import json
 import random
 import sys
 import time
+from pathlib import Path
 
 from megatron_most.options import ConfigError
 
@@ -27,6 +33,8 @@ def parse_args(argv=None):
     p.add_argument("--max-hours", type=float, default=None, help="audio used for the fit (default: all)")
     p.add_argument("--seed", type=int, default=0, help="utterance shuffle and k-means seed")
     p.add_argument("--batch-size", type=int, default=10000, help="MiniBatchKMeans batch size (frames)")
+    p.add_argument("--max-frames", type=int, default=2_000_000,
+                   help="frames kept for the fit (seeded reservoir sample; bounds memory; default 2,000,000)")
     p.add_argument("--n-init", type=int, default=20, help="k-means++ initialisations (best inertia kept)")
     p.add_argument("--max-iter", type=int, default=100, help="MiniBatchKMeans passes over the frames")
     p.add_argument("--audio-batch", type=int, default=32, help="utterances per audio decode / HuBERT batch")
@@ -57,6 +65,14 @@ def train(args) -> dict:
 
     if args.max_hours is not None and args.max_hours <= 0:
         raise ConfigError(f"--max-hours={args.max_hours}: must be > 0 (or omitted for all audio)")
+    if args.max_frames < args.k:
+        raise ConfigError(f"--max-frames={args.max_frames}: must be >= --k={args.k} (k-means needs a frame per "
+                          "centroid); e.g. 2000000")
+    if not (Path(args.hubert) / "config.json").is_file():
+        raise ConfigError(f"--hubert={args.hubert!r}: no config.json there; pass a transformers HubertModel "
+                          "directory (save_pretrained output)")
+    if args.device == "gpu" and not torch.cuda.is_available():
+        raise ConfigError("--device=gpu: CUDA is not available on this machine; use --device cpu (or auto)")
     rejects = collections.Counter()
     paths = []
     for manifest in args.input:
@@ -68,9 +84,11 @@ def train(args) -> dict:
     random.Random(args.seed).shuffle(paths)  # a max-hours budget then takes a random subset of utterances
 
     gpu = args.device == "gpu" or (args.device == "auto" and torch.cuda.is_available())
-    loader = AudioLoader(AudioOptions(batch_size=args.audio_batch, device="gpu" if gpu else "cpu"))
-    encoder = HubertEncoder(args.hubert, layer=args.layer, device="cuda" if gpu else "cpu",
-                            dtype=torch.float16 if gpu else torch.float32)
+    # fp32 as in preprocessing: units are assigned on fp32-computed features, so fit on those too
+    encoder = HubertEncoder(args.hubert, layer=args.layer, device="cuda" if gpu else "cpu", dtype=torch.float32)
+    # reject clips shorter than the encoder's receptive field per file; the encoder would fail the batch
+    loader = AudioLoader(AudioOptions(batch_size=args.audio_batch, device="gpu" if gpu else "cpu",
+                                      min_samples=max(400, encoder.min_samples)))
     budget = None if args.max_hours is None else int(args.max_hours * 3600 * encoder.frame_rate)  # frames
     stats = {"utterances": 0, "frames": 0}
 
@@ -92,11 +110,13 @@ def train(args) -> dict:
                     return
 
     started = time.time()
-    codebook = fit_codebook(features(), k=args.k, seed=args.seed, batch_size=args.batch_size, n_init=args.n_init,
+    codebook = fit_codebook(features(), k=args.k, seed=args.seed, batch_size=args.batch_size,
+                            max_frames=args.max_frames, n_init=args.n_init,
                             max_iter=args.max_iter, layer=args.layer, hubert=args.hubert)
     codebook.save(args.output)
     return {"output": args.output, "k": codebook.k, "dim": codebook.dim, "layer": args.layer,
             "utterances": stats["utterances"], "frames": stats["frames"],
+            "fit_frames": min(stats["frames"], args.max_frames),
             "hours": round(stats["frames"] / encoder.frame_rate / 3600, 4), "seconds": round(time.time() - started, 2),
             "rejected": dict(rejects)}
 

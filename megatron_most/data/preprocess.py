@@ -8,7 +8,14 @@
 Restartable: every shard is written under temporary names and renamed into place, its header
 (NNNNN.json) last, so after an interruption a re-run skips the shards with a valid header and redoes
 the rest. The run's settings are stored in P.shards/run.json and a re-run with different settings
-(mode, tokenizer, codebook, HuBERT, layers, inputs, shard size) is refused rather than mixed.
+(mode, tokenizer, codebook, HuBERT, layers, inputs, shard size, limits, templates, code version) is
+refused rather than mixed; each resumed shard's header is also compared with the run's, so a lost
+run.json cannot mix shards either.
+
+Audio models load lazily (first sample with audio), so text-only data (lm, text instruct) needs no
+HuBERT; an instruct sample whose audio cannot be rendered with the given models is rejected with
+its reason, never a crash. The merged dataset is validated (token ids, <feat> counts) before the
+run reports success.
 """
 
 from __future__ import annotations
@@ -29,10 +36,18 @@ from typing import Any, Iterator
 import numpy as np
 
 from megatron_most.data import indexed
-from megatron_most.data.templates import MODES, TASKS
+from megatron_most.data.templates import MODES, TASKS, TemplateOptions
 from megatron_most.options import ConfigError, options, require
 
 MANIFEST_KIND = {"asr": "speech", "tts": "speech", "lm": "text", "instruct": "instruct"}
+# Bumped whenever the packing changes what a shard contains, so shards of older code are not resumed.
+CODE_VERSION = 2
+# Files that define a HF tokenizer (its directory may also hold the model's weights: ~31 GB for
+# DeepSeek-V2-Lite, which must not be read just to fingerprint the tokenizer).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                   "vocab.json", "merges.txt", "added_tokens.json")
+HUBERT_FILES = ("config.json", "preprocessor_config.json")
+HUBERT_WEIGHTS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
 UNITS_LAYER = 11  # mHuBERT-base layer the release clusters (MOST_SPEC.md "Audio paths")
 SAMPLE_RATE = 16000  # HuBERT input rate
 
@@ -50,12 +65,14 @@ class PreprocessOptions:
     mode: str = "units"
     """units: audio becomes unit tokens; features: prompt audio becomes <feat> frames + stored features."""
     hubert: str | None = None
-    """transformers HubertModel directory (needed by every task but lm)."""
+    """transformers HubertModel directory (needed by asr/tts; by instruct for audio turns: without it
+    instruct packs text-only samples and rejects those with audio)."""
     layer: int | None = None
     """HuBERT hidden_states layer. Default: the codebook's layer, else 11 (clipped to the depth) for
     units, the last layer for features."""
     units: str | None = None
-    """UnitCodebook (safetensors); needed whenever a unit token is produced."""
+    """UnitCodebook (safetensors); needed whenever a unit token is produced (tts; asr in units mode;
+    instruct in units mode with --hubert). Features-mode instruct without it rejects spoken replies."""
     text_vocab_size: int | None = None
     """Text rows of the model's table (default: the tokenizer's size; DeepSeek-V2-Lite: 102400)."""
     workers: int = 1
@@ -64,6 +81,13 @@ class PreprocessOptions:
     """Manifest lines per shard (the unit of parallel work and of restart)."""
     max_seconds: float = 60.0
     """Longer audio is rejected."""
+    max_tokens: int | None = None
+    """Longest sample in tokens (None: no limit). Use the model's seq_length + 1 so the training
+    dataset never has to skip a sample. lm documents longer than this are split into consecutive
+    chunks of <= max_tokens tokens (first chunk keeps <bos>, last keeps <eos>); longer samples of the
+    other tasks are rejected ("too long")."""
+    templates: TemplateOptions = dataclasses.field(default_factory=TemplateOptions)
+    """Prompt templates (tools/preprocess_audio_text.py --template-config FILE.json)."""
     device: str = "auto"
     """auto | cpu | gpu: where DALI resamples and HuBERT runs."""
     batch_size: int = 32
@@ -86,16 +110,27 @@ class PreprocessOptions:
         require(self.batch_size >= 1, f"batch_size={self.batch_size}: must be >= 1")
         require(self.device in ("auto", "cpu", "gpu"), f"device={self.device!r}: use auto, cpu or gpu")
         require(self.max_batch_seconds > 0, f"max_batch_seconds={self.max_batch_seconds}: must be > 0")
+        require(self.max_seconds > 0, f"max_seconds={self.max_seconds}: must be > 0 (e.g. 60)")
+        require(self.max_tokens is None or self.max_tokens >= 2,
+                f"max_tokens={self.max_tokens}: must be >= 2 (the model's seq_length + 1) or None for no limit")
+        require(isinstance(self.templates, TemplateOptions),
+                f"templates={type(self.templates).__name__}: must be a TemplateOptions "
+                "(TemplateOptions.from_dict(json) for a --template-config file)")
         if self.task == "lm":
             require(self.mode == "units", "mode='features' with task='lm': text samples have no audio; "
                                           "use mode='units' (the default)")
-        else:
-            require(self.hubert is not None, f"hubert=None with task={self.task!r}: pass --hubert DIR "
-                                              "(a transformers HubertModel directory)")
-        needs_units = self.task != "lm" and (self.mode == "units" or self.task == "tts")
+        elif self.task in ("asr", "tts") or self.mode == "features":
+            # instruct in features mode needs the feature dimension for the layout of the whole dataset
+            require(self.hubert is not None, f"hubert=None with task={self.task!r}, mode={self.mode!r}: pass "
+                                              "--hubert DIR (a transformers HubertModel directory)"
+                                              + ("; text-only instruct data packs in mode 'units' without it"
+                                                 if self.task == "instruct" else ""))
+        needs_units = (self.task == "tts" or (self.task == "asr" and self.mode == "units")
+                       or (self.task == "instruct" and self.mode == "units" and self.hubert is not None))
         require(not needs_units or self.units is not None,
                 f"units=None with task={self.task!r}, mode={self.mode!r}: unit tokens are produced; pass "
-                "--units CODEBOOK (tools/train_units.py)")
+                "--units CODEBOOK (tools/train_units.py)"
+                + ("; or drop --hubert to pack text-only instruct samples" if self.task == "instruct" else ""))
         for path in self.inputs:
             require(Path(path).is_file(), f"inputs: manifest {path!r} does not exist")
 
@@ -119,6 +154,11 @@ class Plan:
     codebook_sha256: str | None
     inputs: tuple[tuple[str, int, int], ...]  # (path, size, mtime_ns)
     shard_size: int
+    max_seconds: float
+    max_tokens: int | None
+    templates: dict[str, str]
+    format_version: int = indexed.VERSION
+    code_version: int = CODE_VERSION
 
     def header(self) -> dict[str, Any]:
         """The dataset header fields that describe content (counts are added by the writer)."""
@@ -128,6 +168,8 @@ class Plan:
             "tokenizer_sha256": self.tokenizer_sha256, "hubert": self.hubert, "hubert_sha256": self.hubert_sha256,
             "hubert_layer": self.features_layer if self.mode == "features" else self.units_layer,
             "units_layer": self.units_layer, "codebook": self.codebook, "codebook_sha256": self.codebook_sha256,
+            "max_seconds": self.max_seconds, "max_tokens": self.max_tokens, "templates": dict(self.templates),
+            "code_version": self.code_version,
         }
 
     def fingerprint(self) -> dict[str, Any]:
@@ -138,9 +180,13 @@ class Plan:
 
 
 def make_plan(opts: PreprocessOptions, log=print) -> Plan:
+    """Resolve and check every setting here, in the main process: a bad tokenizer, HuBERT, codebook or
+    device is a ConfigError now, not a worker that dies at start (BrokenProcessPool)."""
     from megatron_most.data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(opts.tokenizer)
+    if opts.hubert:
+        _check_device(opts.device)
     text_vocab = opts.text_vocab_size or tokenizer.vocab_size
     require(text_vocab >= tokenizer.vocab_size,
             f"text_vocab_size={text_vocab}: smaller than the tokenizer's {tokenizer.vocab_size} ids; "
@@ -163,19 +209,35 @@ def make_plan(opts: PreprocessOptions, log=print) -> Plan:
         num_units=int(codebook.centroids.shape[0]) if codebook is not None else 0,
         feature_dim=dim if opts.mode == "features" else 0,
         features_layer=features_layer, units_layer=units_layer,
-        tokenizer=str(Path(opts.tokenizer).resolve()), tokenizer_sha256=_sha256(opts.tokenizer),
+        tokenizer=str(Path(opts.tokenizer).resolve()),
+        tokenizer_sha256=_sha256(opts.tokenizer, TOKENIZER_FILES + ("*.model",)),
         hubert=str(Path(opts.hubert).resolve()) if opts.hubert else None,
-        hubert_sha256=_sha256(opts.hubert) if opts.hubert else None,
+        hubert_sha256=_sha256(opts.hubert, HUBERT_FILES + HUBERT_WEIGHTS) if opts.hubert else None,
         codebook=str(Path(opts.units).resolve()) if opts.units else None,
         codebook_sha256=_sha256(opts.units) if opts.units else None,
         inputs=tuple((str(Path(p).resolve()), Path(p).stat().st_size, Path(p).stat().st_mtime_ns) for p in opts.inputs),
-        shard_size=opts.shard_size,
+        shard_size=opts.shard_size, max_seconds=opts.max_seconds, max_tokens=opts.max_tokens,
+        templates=dataclasses.asdict(opts.templates),
     )
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    require(device != "gpu" or torch.cuda.is_available(),
+            "device='gpu': CUDA is not available on this machine; use --device cpu (or auto)")
 
 
 def _hubert_shape(path: str) -> tuple[int, int]:
     from transformers import HubertConfig
 
+    directory = Path(path)
+    require(directory.is_dir() and (directory / "config.json").is_file(),
+            f"hubert={path!r}: no config.json there; pass a transformers HubertModel directory "
+            "(save_pretrained output: config.json + model.safetensors)")
+    require(any(any(directory.glob(pattern)) for pattern in HUBERT_WEIGHTS),
+            f"hubert={path!r}: no weights (model.safetensors / pytorch_model.bin); pass the complete "
+            "HubertModel directory")
     try:
         config = HubertConfig.from_pretrained(path)
     except (OSError, ValueError) as err:
@@ -212,11 +274,15 @@ def _check_layer(layer: int, depth: int | None, name: str) -> int:
     return layer
 
 
-def _sha256(path: str) -> str:
-    """Content hash of a file or of every file in a directory (names included)."""
+def _sha256(path: str, patterns: tuple[str, ...] = ()) -> str:
+    """Content hash of a file, or of a directory's top-level files matching `patterns` (names included,
+    sorted, streamed in 4 MB blocks): only what defines the tokenizer / model, not everything beside it."""
     path = Path(path)
     digest = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    if path.is_dir():
+        files = sorted({p for pattern in patterns for p in path.glob(pattern) if p.is_file()})
+    else:
+        files = [path]
     for file in files:
         digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
         with file.open("rb") as f:
@@ -261,15 +327,20 @@ def shard_prefix(shards_dir: Path, index: int) -> Path:
     return shards_dir / f"{index:05d}"
 
 
-def shard_done(shards_dir: Path, index: int) -> dict | None:
-    """The header of a complete shard, or None (missing, partial or corrupt: redo it)."""
+def shard_done(shards_dir: Path, index: int, plan: Plan) -> dict | None:
+    """The header of a complete shard of this plan, or None (missing, partial, corrupt or packed with
+    other settings: redo it)."""
     prefix = shard_prefix(shards_dir, index)
     if not indexed.header_path(prefix).exists() or not Path(f"{prefix}.rejects.jsonl").exists():
         return None
     try:
-        return indexed.validate(prefix, scan_tokens=False)
+        header = indexed.validate(prefix, scan_tokens=False)
     except indexed.DatasetFormatError:
         return None
+    expected = json.loads(json.dumps(plan.header()))  # as stored (tuples -> lists)
+    if any(header.get(key) != value for key, value in expected.items()):
+        return None
+    return header
 
 
 def clear_shard(shards_dir: Path, index: int) -> None:
@@ -288,35 +359,31 @@ def reason_kind(reason: str) -> str:
 
 
 class ShardWorker:
-    """Everything one process needs to turn shards into packed files (models loaded once)."""
+    """Everything one process needs to turn shards into packed files (models loaded once, on first use)."""
 
     def __init__(self, opts: PreprocessOptions, plan: Plan, *, threads: int):
         import torch
 
-        from megatron_most.data.templates import TemplateOptions
         from megatron_most.data.tokenizer import load_tokenizer
         from megatron_most.model.vocab import TokenLayout
 
         torch.set_num_threads(threads)
-        self.opts, self.plan = opts, plan
+        self.opts, self.plan, self.threads = opts, plan, threads
         self.tokenizer = load_tokenizer(opts.tokenizer)
         self.layout = TokenLayout(plan.text_vocab_size, plan.num_units)
-        self.templates = TemplateOptions()
+        self.templates = opts.templates
         self.model_seconds = 0.0
         self.loader = self.encoders = self.codebook = None
-        if opts.task != "lm":
-            self._load_audio_models(threads)
 
-    def _load_audio_models(self, threads: int) -> None:
+    def _load_audio_models(self) -> None:
+        """HuBERT encoder(s), codebook and the audio loader, on the first sample with audio (text-only
+        shards never load them)."""
         import torch
 
         from megatron_most.audio.hubert import HubertEncoder
         from megatron_most.audio.loading import AudioLoader, AudioOptions
 
         opts, plan = self.opts, self.plan
-        self.loader = AudioLoader(AudioOptions(sample_rate=SAMPLE_RATE, max_seconds=opts.max_seconds,
-                                               batch_size=opts.batch_size, num_threads=max(1, threads),
-                                               device=opts.device))
         gpu = opts.device == "gpu" or (opts.device == "auto" and torch.cuda.is_available())
         device = "cuda" if gpu else "cpu"
         layers = {layer for layer in (plan.features_layer, plan.units_layer) if layer is not None}
@@ -327,6 +394,12 @@ class ShardWorker:
                          for layer in sorted(layers)}
         if opts.units:
             self.codebook = _load_codebook(opts.units)
+        # Clips shorter than the encoder's receptive field (400 samples for HuBERT, more with extra
+        # convs) are rejected per sample by the loader; HubertEncoder would fail the whole batch.
+        min_samples = max([400] + [e.min_samples for e in self.encoders.values()])
+        self.loader = AudioLoader(AudioOptions(sample_rate=SAMPLE_RATE, max_seconds=opts.max_seconds,
+                                               min_samples=min_samples, batch_size=opts.batch_size,
+                                               num_threads=max(1, self.threads), device=opts.device))
 
     def run(self, shard: Shard, shards_dir: Path, progress=None) -> dict:
         """Pack one shard; return its header (counts). Partial files of an earlier attempt are replaced."""
@@ -351,6 +424,7 @@ class ShardWorker:
         return writer.finalize({
             **self.plan.header(), "audio_seconds": stats["audio_samples"] / SAMPLE_RATE,
             "rejected": rejects.total, "rejected_by_reason": dict(by_kind.most_common()),
+            "split_documents": stats["split_documents"], "split_chunks": stats["split_chunks"],
             "model_seconds": self.model_seconds - model_before, "shard": shard.index, "lines": len(shard.items),
         })
 
@@ -362,8 +436,13 @@ class ShardWorker:
         for source, line, sample in batch:
             if isinstance(sample, Rejected):
                 rejects.write(source, line, None, sample)
+                continue
+            refs = audio_refs(self.opts.task, sample)
+            unusable = self._unusable_audio(refs)
+            if unusable is not None:
+                rejects.write(source, line, sample.id, unusable)
             else:
-                good.append((source, line, sample, audio_refs(self.opts.task, sample)))
+                good.append((source, line, sample, refs))
         segments, waves = self._audio([refs for *_, refs in good])
         for source, line, sample, refs in good:
             bad = next((path for path, _ in refs if isinstance(segments[path], Rejected)), None)
@@ -376,8 +455,48 @@ class ShardWorker:
             except RenderError as err:
                 rejects.write(source, line, sample.id, Rejected(f"render: {err}"))
                 continue
-            writer.add(out.tokens, out.loss_mask, out.features)
+            pieces = self._limit_length(out, stats)
+            if isinstance(pieces, Rejected):
+                rejects.write(source, line, sample.id, pieces)
+                continue
+            for tokens, mask, features in pieces:
+                writer.add(tokens, mask, features)
             stats["audio_samples"] += sum(len(waves[p]) for p in dict(refs))
+
+    def _unusable_audio(self, refs: list[tuple[str, bool]]):
+        """Rejected if this run's models cannot render the sample's audio (instruct data may mix text-only
+        and spoken samples; plan-time checks already cover asr/tts), else None."""
+        from megatron_most.rejects import Rejected
+
+        if refs and self.opts.hubert is None:
+            return Rejected(f"audio needs --hubert: this run packs text-only samples (no --hubert given); "
+                            f"file {refs[0][0]}")
+        if self.opts.units is None:
+            for path, is_response in refs:
+                if is_response or self.plan.mode == "units":
+                    what = "spoken reply" if is_response else "audio in units mode"
+                    return Rejected(f"{what} needs --units: unit tokens need a codebook (tools/train_units.py); "
+                                    f"file {path}")
+        return None
+
+    def _limit_length(self, out, stats):
+        """[(tokens, loss_mask, features)] within max_tokens: lm documents split into consecutive chunks,
+        other samples whole or Rejected (splitting a prompt from its response would teach nothing)."""
+        from megatron_most.rejects import Rejected
+
+        limit, n = self.opts.max_tokens, len(out.tokens)
+        if limit is None or n <= limit:
+            return [(out.tokens, out.loss_mask, out.features)]
+        if self.opts.task != "lm":
+            return Rejected(f"too long: {n} tokens > {limit} (max_tokens)")
+        chunks = []
+        for start in range(0, n, limit):
+            mask = out.loss_mask[start:start + limit].copy()
+            mask[0] = 0  # like the lm template's first token: nothing in this sample predicts it
+            chunks.append((out.tokens[start:start + limit], mask, None))
+        stats["split_documents"] += 1
+        stats["split_chunks"] += len(chunks)
+        return chunks
 
     def _audio(self, refs_per_sample: list[list[tuple[str, bool]]]):
         """path -> AudioSegment | Rejected for every audio of the batch; path -> waveform [samples]."""
@@ -394,6 +513,8 @@ class ShardWorker:
         paths = sorted(need_features | need_units)
         if not paths:
             return {}, {}
+        if self.loader is None:
+            self._load_audio_models()
         loaded = dict(zip(paths, self.loader.load(paths)))
         waves = {p: w for p, w in loaded.items() if not isinstance(w, Rejected)}
         segments: dict[str, Any] = {p: w for p, w in loaded.items() if isinstance(w, Rejected)}
@@ -453,12 +574,14 @@ def preprocess(opts: PreprocessOptions, *, log=print) -> dict:
     """Pack `opts.inputs` into `opts.output_prefix`; return the dataset header (with run statistics)."""
     prefix = Path(opts.output_prefix)
     shards_dir = Path(f"{prefix}.shards")
-    _prepare_output(opts, prefix, shards_dir)
+    _check_output(opts, prefix)
     plan = make_plan(opts, log=log)
+    _prepare_output(opts, prefix, shards_dir)  # only now: a run refused at planning deletes nothing
     _check_resume(shards_dir, plan, opts)
     start = time.perf_counter()
     headers, resumed = _run_shards(opts, plan, shards_dir, log)
     header = _merge_shards(plan, prefix, shards_dir, headers)
+    _validate_output(prefix)
     header["model_seconds"] = sum(h.get("model_seconds", 0.0) for h in headers)
     header["wall_seconds"] = time.perf_counter() - start
     header["shards_resumed"], header["shards_packed"] = resumed, len(headers) - resumed
@@ -468,13 +591,17 @@ def preprocess(opts: PreprocessOptions, *, log=print) -> dict:
     return header
 
 
+def _check_output(opts: PreprocessOptions, prefix: Path) -> None:
+    if indexed.header_path(prefix).exists() and not opts.overwrite:
+        raise ConfigError(f"output_prefix={str(prefix)!r}: a complete dataset is already there "
+                          f"({indexed.header_path(prefix)}); pass --overwrite to replace it or choose "
+                          "another --output-prefix")
+
+
 def _prepare_output(opts: PreprocessOptions, prefix: Path, shards_dir: Path) -> None:
+    """Remove what --overwrite replaces (called after the plan is validated)."""
     prefix.parent.mkdir(parents=True, exist_ok=True)
     if indexed.header_path(prefix).exists():
-        if not opts.overwrite:
-            raise ConfigError(f"output_prefix={str(prefix)!r}: a complete dataset is already there "
-                              f"({indexed.header_path(prefix)}); pass --overwrite to replace it or choose "
-                              "another --output-prefix")
         indexed.remove_dataset(prefix)
         Path(f"{prefix}.rejects.jsonl").unlink(missing_ok=True)
     if opts.overwrite and shards_dir.exists():
@@ -511,7 +638,7 @@ def _run_shards(opts: PreprocessOptions, plan: Plan, shards_dir: Path, log) -> t
     def todo() -> Iterator[Shard]:
         nonlocal resumed
         for shard in iter_shards(plan, opts.task):
-            done = shard_done(shards_dir, shard.index)
+            done = shard_done(shards_dir, shard.index, plan)
             if done is not None and done.get("lines") == len(shard.items):
                 headers[shard.index] = done
                 resumed += 1
@@ -588,11 +715,25 @@ def _merge_shards(plan: Plan, prefix: Path, shards_dir: Path, headers: list[dict
     return indexed.concatenate([str(shard_prefix(shards_dir, h["shard"])) for h in headers], prefix, {
         **plan.header(), "audio_seconds": sum(h["audio_seconds"] for h in headers),
         "rejected": sum(reasons.values()), "rejected_by_reason": dict(reasons.most_common()),
+        "split_documents": sum(h.get("split_documents", 0) for h in headers),
+        "split_chunks": sum(h.get("split_chunks", 0) for h in headers),
         "shards": len(headers), "inputs": [p for p, _, _ in plan.inputs],
     })
 
 
+def _validate_output(prefix: Path) -> None:
+    """Read every token of the merged dataset once (ids inside the layout, <feat> count == frames), so a
+    bad dataset is refused here rather than mid-training. A failure removes it (shards are kept)."""
+    try:
+        indexed.validate(prefix, scan_tokens=True)
+    except indexed.DatasetFormatError:
+        indexed.remove_dataset(prefix)
+        raise
+
+
 def summary_line(header: dict) -> str:
     reasons = ", ".join(f"{k}: {v}" for k, v in header.get("rejected_by_reason", {}).items())
+    split = (f"; split {header['split_documents']} long documents into {header['split_chunks']} chunks"
+             if header.get("split_documents") else "")
     return (f"packed {header['samples']} samples, {header['audio_seconds'] / 3600:.3f} audio hours, "
-            f"{header['tokens']} tokens; rejected {header['rejected']}" + (f" ({reasons})" if reasons else ""))
+            f"{header['tokens']} tokens{split}; rejected {header['rejected']}" + (f" ({reasons})" if reasons else ""))
