@@ -61,6 +61,7 @@ def train(args) -> dict:
     from megatron_most.audio.loading import AudioLoader, AudioOptions
     from megatron_most.audio.units import fit_codebook
     from megatron_most.data.manifest import read_manifest
+    from megatron_most.platform import choose_device
     from megatron_most.rejects import Rejected
 
     if args.max_hours is not None and args.max_hours <= 0:
@@ -71,8 +72,7 @@ def train(args) -> dict:
     if not (Path(args.hubert) / "config.json").is_file():
         raise ConfigError(f"--hubert={args.hubert!r}: no config.json there; pass a transformers HubertModel "
                           "directory (save_pretrained output)")
-    if args.device == "gpu" and not torch.cuda.is_available():
-        raise ConfigError("--device=gpu: CUDA is not available on this machine; use --device cpu (or auto)")
+    device = choose_device(args.device, field="--device")
     rejects = collections.Counter()
     paths = []
     for manifest in args.input:
@@ -83,11 +83,10 @@ def train(args) -> dict:
                 paths.append(sample.audio)
     random.Random(args.seed).shuffle(paths)  # a max-hours budget then takes a random subset of utterances
 
-    gpu = args.device == "gpu" or (args.device == "auto" and torch.cuda.is_available())
     # fp32 as in preprocessing: units are assigned on fp32-computed features, so fit on those too
-    encoder = HubertEncoder(args.hubert, layer=args.layer, device="cuda" if gpu else "cpu", dtype=torch.float32)
+    encoder = HubertEncoder(args.hubert, layer=args.layer, device=device, dtype=torch.float32)
     # reject clips shorter than the encoder's receptive field per file; the encoder would fail the batch
-    loader = AudioLoader(AudioOptions(batch_size=args.audio_batch, device="gpu" if gpu else "cpu",
+    loader = AudioLoader(AudioOptions(batch_size=args.audio_batch, device=args.device,
                                       min_samples=max(400, encoder.min_samples)))
     budget = None if args.max_hours is None else int(args.max_hours * 3600 * encoder.frame_rate)  # frames
     stats = {"utterances": 0, "frames": 0}

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from megatron_most.options import ConfigError, options, require
+from megatron_most.options import options, require
 from megatron_most.rejects import Rejected
 
 # Formats fn.decoders.audio reads (its docs: WAV, FLAC, OGG Vorbis/Opus); soundfile names them so.
@@ -303,12 +303,10 @@ def _to_numpy(batch) -> list[np.ndarray]:
 
 
 def _device_id(device: str) -> int | None:
-    import torch
+    from megatron_most.platform import choose_device
 
-    cuda = torch.cuda.is_available()
-    if device == "gpu" and not cuda:
-        raise ConfigError("AudioOptions.device='gpu' but torch.cuda.is_available() is False; use 'cpu' or 'auto'")
-    return torch.cuda.current_device() if cuda and device != "cpu" else None
+    chosen = choose_device(device, field="AudioOptions.device")
+    return chosen.index if chosen.type == "cuda" else None  # None: CPU-only DALI pipelines
 
 
 def _dali_message(err: Exception) -> str:

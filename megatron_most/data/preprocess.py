@@ -222,10 +222,9 @@ def make_plan(opts: PreprocessOptions, log=print) -> Plan:
 
 
 def _check_device(device: str) -> None:
-    import torch
+    from megatron_most.platform import choose_device
 
-    require(device != "gpu" or torch.cuda.is_available(),
-            "device='gpu': CUDA is not available on this machine; use --device cpu (or auto)")
+    choose_device(device)
 
 
 def _hubert_shape(path: str) -> tuple[int, int]:
@@ -378,14 +377,12 @@ class ShardWorker:
     def _load_audio_models(self) -> None:
         """HuBERT encoder(s), codebook and the audio loader, on the first sample with audio (text-only
         shards never load them)."""
-        import torch
-
         from megatron_most.audio.hubert import HubertEncoder
         from megatron_most.audio.loading import AudioLoader, AudioOptions
+        from megatron_most.platform import choose_device
 
         opts, plan = self.opts, self.plan
-        gpu = opts.device == "gpu" or (opts.device == "auto" and torch.cuda.is_available())
-        device = "cuda" if gpu else "cpu"
+        device = choose_device(opts.device)
         layers = {layer for layer in (plan.features_layer, plan.units_layer) if layer is not None}
         depth = _hubert_shape(opts.hubert)[0]
         # layer None for the last one: no output_hidden_states, so no copies of every layer's activations

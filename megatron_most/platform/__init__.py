@@ -3,6 +3,7 @@
 from megatron_most.platform.layout import ParallelLayout
 from megatron_most.platform.runtime import (
     backend,
+    choose_device,
     device,
     fusion_settings,
     has_gpu,
@@ -18,6 +19,7 @@ __all__ = [
     "ParallelLayout",
     "backend",
     "check_megatron_core",
+    "choose_device",
     "device",
     "fusion_settings",
     "has_gpu",

@@ -39,6 +39,18 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
+def choose_device(choice: str, *, field: str = "device") -> torch.device:
+    """Device of a single-process job (audio loading, HuBERT): "cpu", "gpu" or "auto" (the GPU when
+    there is one). ConfigError for "gpu" on a machine without CUDA."""
+    from megatron_most.options import ConfigError
+
+    if choice not in ("cpu", "gpu", "auto"):
+        raise ConfigError(f"{field}={choice!r}: use 'cpu', 'gpu' or 'auto'")
+    if choice == "gpu" and not has_gpu():
+        raise ConfigError(f"{field}='gpu': CUDA is not available on this machine; use cpu (or auto)")
+    return device() if choice != "cpu" else torch.device("cpu")
+
+
 def fusion_settings() -> dict:
     """TransformerConfig fields for kernels that exist only with CUDA, TE or apex.
 
