@@ -11,12 +11,12 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_most", "megatron_most.*"]),
     install_requires=[
-        "torch==2.13.0",
+        "torch>=2.6",  # CI: the CPU build 2.13.0 (constraints.txt); GPU users keep their CUDA build
         "megatron-core==0.16.1",  # pinned: megatron_most.platform.version refuses any other
         "psutil",  # megatron-core's checkpoint saves import it without declaring it
         "numpy",
         "safetensors",
-        "transformers>=5.0,<6",
+        "transformers>=5.0,<6",  # the HF export's remote code is tested on the newest release
         "matplotlib",
         "nvidia-dali-cuda120",  # audio decoding/resampling; CPU pipelines run without a GPU
         "soundfile",  # header probing and mp3 decoding (DALI's decoder lacks mp3)
@@ -27,6 +27,6 @@ setup(
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]"],
-        "dev": ["pytest>=8", "pytest-timeout"],
+        "dev": ["pytest>=8", "pytest-timeout", "ruff"],
     },
 )

@@ -28,6 +28,9 @@ SENTENCES = [
     "every good sample is still packed",
 ]
 
+ROOT = Path(__file__).resolve().parents[1]
+_TOOLS_CHECKED = False
+
 FORMATS = (  # (extension, sample rate, channels): the usual containers at rates other than 16 kHz
     ("wav", 16000, 1),
     ("flac", 22050, 2),
@@ -38,18 +41,11 @@ FORMATS = (  # (extension, sample rate, channels): the usual containers at rates
 
 
 def ensure_speech_tools() -> None:
-    """Install espeak-ng and sox with apt if missing (the tests need real speech)."""
-    if shutil.which("espeak-ng") and shutil.which("sox"):
-        return
-    prefix = [] if _is_root() else ["sudo"]
-    subprocess.run(prefix + ["apt-get", "update", "-qq"], check=True)
-    subprocess.run(prefix + ["apt-get", "install", "-y", "-qq", "espeak-ng", "sox", "libsox-fmt-all"], check=True)
-
-
-def _is_root() -> bool:
-    import os
-
-    return os.geteuid() == 0
+    """espeak-ng and sox able to write mp3, installed by the project's one script if missing."""
+    global _TOOLS_CHECKED
+    if not _TOOLS_CHECKED:
+        subprocess.run(["bash", str(ROOT / "scripts" / "install_speech_tools.sh")], check=True)
+        _TOOLS_CHECKED = True
 
 
 def speak(text: str, path: Path, *, rate: int = 16000, channels: int = 1, speed: int = 175, voice: str = "en") -> Path:

@@ -182,16 +182,29 @@ def test_auto_model_from_pretrained_remote_code(megatron, tmp_path):
     print(f"from_pretrained(trust_remote_code=True): max |HF - Megatron| = {diff:.3g}")
     assert diff < TOLERANCE, diff
 
-    # cached greedy generation == uncached greedy loop (prompt with audio frames and units)
+    # cached greedy generation == uncached greedy loop (prompt with audio frames and units): the
+    # features are consumed on the prompt step only, and every cached step's logits equal the
+    # uncached model's on the whole sequence so far
     prompt = ids[:1, :16]  # text, <boa> <feat>x5 <eoa>, text
     frames = features[:5]
+    new_tokens = 6
     with torch.no_grad():
-        generated = loaded.generate(
-            input_ids=prompt, audio_features=frames, max_new_tokens=4, do_sample=False, pad_token_id=0,
-            eos_token_id=None,
+        out = loaded.generate(
+            input_ids=prompt, audio_features=frames, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+            eos_token_id=None, output_scores=True, return_dict_in_generate=True,
         )
-        seq = prompt
-        for _ in range(4):
-            logits = loaded(input_ids=seq, audio_features=frames, use_cache=False).logits
-            seq = torch.cat([seq, logits[:, -1:].argmax(-1)], dim=1)
-    assert torch.equal(generated, seq), (generated, seq)
+        seq, step_logits = prompt, []
+        for _ in range(new_tokens):
+            logits = loaded(input_ids=seq, audio_features=frames, use_cache=False).logits[:, -1]
+            step_logits.append(logits)
+            seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], dim=1)
+        other_frames = loaded.generate(
+            input_ids=prompt, audio_features=frames + 1.0, max_new_tokens=1, do_sample=False, pad_token_id=0,
+            eos_token_id=None, output_scores=True, return_dict_in_generate=True,
+        )
+    assert out.sequences.shape == (1, 16 + new_tokens)
+    assert torch.equal(out.sequences, seq), (out.sequences, seq)
+    cached_diff = max((a - b).abs().max().item() for a, b in zip(out.scores, step_logits, strict=True))
+    print(f"generate(): cached vs uncached step logits max diff {cached_diff:.3g}")
+    assert cached_diff < TOLERANCE, cached_diff
+    assert (other_frames.scores[0] - out.scores[0]).abs().max() > SENSITIVITY  # the features were used

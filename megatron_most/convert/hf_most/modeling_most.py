@@ -22,6 +22,8 @@ Tensor names follow the DeepSeek-V2 hub layout (experts stored one module per in
 plus model.audio_projection.{weight,bias}.
 """
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -41,6 +43,38 @@ from transformers.models.deepseek_v2.modeling_deepseek_v2 import (
 )
 
 from .configuration_most import MoSTHFConfig
+
+# transformers 5.x renamed the cache argument (`past_key_values` -> `cache`, with
+# `cache_position` dropped) and the output field with it; this file follows whichever API the
+# installed release has, read off its own signatures, so one export loads on every 5.x release.
+_ATTENTION_ARGS = inspect.signature(DeepseekV2Attention.forward).parameters
+CACHE_ARG = "cache" if "cache" in _ATTENTION_ARGS else "past_key_values"
+_MASK_ARGS = inspect.signature(create_causal_mask).parameters
+_OUTPUT_CACHE = "cache" if "cache" in MoeModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+assert _OUTPUT_CACHE in MoeCausalLMOutputWithPast.__dataclass_fields__
+
+
+def _causal_mask(config, embeds, attention_mask, cache, position_ids):
+    """create_causal_mask under the installed release's argument names."""
+    given = {
+        "config": config,
+        "input_embeds": embeds,
+        "inputs_embeds": embeds,
+        "attention_mask": attention_mask,
+        "cache": cache,
+        "past_key_values": cache,
+        "position_ids": position_ids,
+        "cache_position": position_ids[0],
+    }
+    return create_causal_mask(**{name: value for name, value in given.items() if name in _MASK_ARGS})
+
+
+def _cache_args(cache, position_ids) -> dict:
+    """Keyword arguments naming the cache for the installed release's attention modules."""
+    args = {CACHE_ARG: cache}
+    if "cache_position" in _ATTENTION_ARGS:
+        args["cache_position"] = position_ids[0]
+    return args
 
 
 def token_modality(input_ids: torch.Tensor, config: MoSTHFConfig) -> torch.Tensor:
@@ -134,21 +168,18 @@ class MoSTDecoderLayer(GradientCheckpointingLayer):
         hidden_states,
         attention_mask=None,
         position_ids=None,
-        past_key_values=None,
-        use_cache=False,
         position_embeddings=None,
         modality=None,
         valid=None,
         **kwargs,
     ):
+        """kwargs: the cache arguments of `_cache_args` and the attention backend's options."""
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
         hidden_states, _ = self.self_attn(
             hidden_states=hidden_states,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
-            use_cache=use_cache,
             position_embeddings=position_embeddings,
             **kwargs,
         )
@@ -202,8 +233,10 @@ class MoSTModel(MoSTPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
-    def embed(self, input_ids, audio_features=None, past_seen_tokens=0):
-        """Token embeddings with projected audio frames at the <feat> positions."""
+    def embed(self, input_ids, audio_features=None):
+        """Token embeddings with projected audio frames at the <feat> positions. In generation
+        the features go with the step whose input holds the <feat> positions (the prompt) and
+        no later step (`MoSTForCausalLM.prepare_inputs_for_generation`)."""
         embeddings = self.embed_tokens(input_ids)
         if not self.config.has_audio_tokens:
             return embeddings
@@ -212,8 +245,6 @@ class MoSTModel(MoSTPreTrainedModel):
         if audio_features is None:
             if frames:
                 raise ValueError(f"input has {frames} <feat> positions but no audio_features were given")
-            return embeddings
-        if frames == 0 and past_seen_tokens > 0:  # generation steps after the prompt
             return embeddings
         if self.audio_projection is None:
             raise ValueError("audio_features given but the model has no continuous audio path (audio_feature_dim=0)")
@@ -238,20 +269,25 @@ class MoSTModel(MoSTPreTrainedModel):
         audio_features=None,
         modality_ids=None,
         output_hidden_states=None,
+        cache=None,
         **kwargs,
     ):
+        """`cache` (transformers >= the rename) and `past_key_values` (before it) are the same
+        argument; `cache_position`, which older releases pass, follows from the cache length."""
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        kwargs.pop("cache_position", None)
+        cache = cache if cache is not None else past_key_values
         use_cache = self.config.use_cache if use_cache is None else use_cache
         output_hidden_states = (
             self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
         )
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
-        past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        past_seen = cache.get_seq_length() if cache is not None else 0
 
         if inputs_embeds is None:
-            inputs_embeds = self.embed(input_ids, audio_features, past_seen)
+            inputs_embeds = self.embed(input_ids, audio_features)
         batch, seq = inputs_embeds.shape[:2]
         if modality_ids is None:
             modality_ids = (
@@ -266,13 +302,7 @@ class MoSTModel(MoSTPreTrainedModel):
         if position_ids is None:
             position_ids = (torch.arange(seq, device=inputs_embeds.device) + past_seen).unsqueeze(0)
 
-        causal_mask = create_causal_mask(
-            config=self.config,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            past_key_values=past_key_values,
-            position_ids=position_ids,
-        )
+        causal_mask = _causal_mask(self.config, inputs_embeds, attention_mask, cache, position_ids)
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
         all_hidden = () if output_hidden_states else None
@@ -283,19 +313,16 @@ class MoSTModel(MoSTPreTrainedModel):
                 hidden_states,
                 attention_mask=causal_mask,
                 position_ids=position_ids,
-                past_key_values=past_key_values,
-                use_cache=use_cache,
                 position_embeddings=position_embeddings,
                 modality=modality_ids,
                 valid=valid,
+                **_cache_args(cache, position_ids),
                 **kwargs,
             )
         hidden_states = self.norm(hidden_states)
         if output_hidden_states:
             all_hidden += (hidden_states,)
-        return MoeModelOutputWithPast(
-            last_hidden_state=hidden_states, past_key_values=past_key_values, hidden_states=all_hidden
-        )
+        return MoeModelOutputWithPast(last_hidden_state=hidden_states, hidden_states=all_hidden, **{_OUTPUT_CACHE: cache})
 
 
 class MoSTForCausalLM(MoSTPreTrainedModel, GenerationMixin):
@@ -317,6 +344,17 @@ class MoSTForCausalLM(MoSTPreTrainedModel, GenerationMixin):
 
     def set_output_embeddings(self, value):
         self.lm_head = value
+
+    def prepare_inputs_for_generation(self, input_ids, *args, **kwargs):
+        """generate() hands every step the prompt's `audio_features`; they belong to the step
+        whose input holds the <feat> positions (the prompt, or its first chunk) and to no
+        later cached step, which sees only the new tokens."""
+        inputs = super().prepare_inputs_for_generation(input_ids, *args, **kwargs)
+        step_ids = inputs.get("input_ids")
+        if self.config.has_audio_tokens and step_ids is not None:
+            if not bool((step_ids == self.config.feature_token_id).any()):
+                inputs.pop("audio_features", None)
+        return inputs
 
     def forward(
         self,
@@ -359,7 +397,7 @@ class MoSTForCausalLM(MoSTPreTrainedModel, GenerationMixin):
                 labels = labels.masked_fill(labels == self.config.feature_token_id, -100)
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return MoeCausalLMOutputWithPast(
-            loss=loss, logits=logits, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, **{_OUTPUT_CACHE: getattr(outputs, _OUTPUT_CACHE)}
         )
 
 
