@@ -43,7 +43,13 @@ POOL = 128 * 2**20  # elements (bf16): 256 MiB
 
 def hf_tensors(layers: int, most) -> list[tuple[str, tuple[int, ...]]]:
     """(name, shape) of every tensor of DeepSeek-V2(-Lite) with `layers` layers, hub order."""
-    h, heads, nope, rope, v = most.hidden_size, most.num_attention_heads, most.qk_nope_head_dim, most.qk_rope_head_dim, most.v_head_dim
+    h, heads, nope, rope, v = (
+        most.hidden_size,
+        most.num_attention_heads,
+        most.qk_nope_head_dim,
+        most.qk_rope_head_dim,
+        most.v_head_dim,
+    )
     lora, experts, moe = most.kv_lora_rank, most.mamoe.num_experts, most.moe_ffn_size
     shared = most.mamoe.shared_expert_size
     out = [("model.embed_tokens.weight", (most.text_vocab_size, h))]
@@ -60,14 +66,26 @@ def hf_tensors(layers: int, most) -> list[tuple[str, tuple[int, ...]]]:
         ]
         if layer < most.first_k_dense:
             ffn = most.dense_ffn_size
-            out += [(p + "mlp.gate_proj.weight", (ffn, h)), (p + "mlp.up_proj.weight", (ffn, h)), (p + "mlp.down_proj.weight", (h, ffn))]
+            out += [
+                (p + "mlp.gate_proj.weight", (ffn, h)),
+                (p + "mlp.up_proj.weight", (ffn, h)),
+                (p + "mlp.down_proj.weight", (h, ffn)),
+            ]
             continue
         out.append((p + "mlp.gate.weight", (experts, h)))
         for e in range(experts):
             q = f"{p}mlp.experts.{e}."
-            out += [(q + "gate_proj.weight", (moe, h)), (q + "up_proj.weight", (moe, h)), (q + "down_proj.weight", (h, moe))]
+            out += [
+                (q + "gate_proj.weight", (moe, h)),
+                (q + "up_proj.weight", (moe, h)),
+                (q + "down_proj.weight", (h, moe)),
+            ]
         q = p + "mlp.shared_experts."
-        out += [(q + "gate_proj.weight", (shared, h)), (q + "up_proj.weight", (shared, h)), (q + "down_proj.weight", (h, shared))]
+        out += [
+            (q + "gate_proj.weight", (shared, h)),
+            (q + "up_proj.weight", (shared, h)),
+            (q + "down_proj.weight", (h, shared)),
+        ]
     out += [("model.norm.weight", (h,)), ("lm_head.weight", (most.text_vocab_size, h))]
     return out
 
@@ -113,7 +131,7 @@ def write_checkpoint(directory: Path, layers: int) -> int:
         with open(directory / file, "wb") as f:
             f.write(len(encoded).to_bytes(8, "little"))
             f.write(encoded)
-            for name, shape in shard:
+            for _name, shape in shard:
                 left = 2 * _numel(shape)
                 start = 2 * int(torch.randint(0, POOL // 2, (1,), generator=gen))
                 while left:  # slices of the pool (wrapping): distinct data per tensor, no big buffer
@@ -125,9 +143,16 @@ def write_checkpoint(directory: Path, layers: int) -> int:
             os.fsync(f.fileno())
         total += offset
     (directory / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    config = dict(architectures=["DeepseekV2ForCausalLM"], model_type="deepseek_v2", torch_dtype="bfloat16",
-                  bos_token_id=100000, eos_token_id=100001, **hf_config_fields(most, rope="scaling"))
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+    )
+    config = dict(
+        architectures=["DeepseekV2ForCausalLM"],
+        model_type="deepseek_v2",
+        torch_dtype="bfloat16",
+        bos_token_id=100000,
+        eos_token_id=100001,
+        **hf_config_fields(most, rope="scaling"),
+    )
     (directory / "config.json").write_text(json.dumps(config, indent=2))
     return sum((directory / f).stat().st_size for f in set(weight_map.values()))
 
@@ -164,8 +189,11 @@ def main() -> int:
         hf.mkdir()
         start = time.perf_counter()
         nbytes = write_checkpoint(hf, args.layers)
-        print(f"generated {args.layers} layers: {nbytes / 1e9:.2f} GB in {len(list(hf.glob('*.safetensors')))} shard(s) "
-              f"({time.perf_counter() - start:.1f}s)", flush=True)
+        print(
+            f"generated {args.layers} layers: {nbytes / 1e9:.2f} GB in {len(list(hf.glob('*.safetensors')))} shard(s) "
+            f"({time.perf_counter() - start:.1f}s)",
+            flush=True,
+        )
 
         drop_cache(hf)
         copy_s = copy_shards(hf, work / "copy")
@@ -173,8 +201,17 @@ def main() -> int:
         print(f"copy: {copy_s:.1f}s", flush=True)
 
         drop_cache(hf)
-        command = [sys.executable, str(ROOT / "tools" / "convert_checkpoint.py"), "hf-to-megatron", "--hf", str(hf),
-                   "--out", str(work / "megatron"), "--preset", "deepseek_v2_lite_most"]
+        command = [
+            sys.executable,
+            str(ROOT / "tools" / "convert_checkpoint.py"),
+            "hf-to-megatron",
+            "--hf",
+            str(hf),
+            "--out",
+            str(work / "megatron"),
+            "--preset",
+            "deepseek_v2_lite_most",
+        ]
         start = time.perf_counter()
         done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
         convert_s = time.perf_counter() - start

@@ -72,17 +72,30 @@ def make_inputs(work: Path, args) -> dict:
     if not codebook.exists():
         torch.manual_seed(0)
         UnitCodebook(torch.randn(500, dim), layer=None).save(codebook)
-    return dict(manifest=manifest, hubert=str(hubert), codebook=str(codebook),
-                tokenizer=str(speech.sentencepiece_model(work / "sp")))
+    return dict(
+        manifest=manifest,
+        hubert=str(hubert),
+        codebook=str(codebook),
+        tokenizer=str(speech.sentencepiece_model(work / "sp")),
+    )
 
 
 def pack(work: Path, inputs: dict, args) -> dict:
     from megatron_most.data.preprocess import PreprocessOptions, preprocess
 
-    opts = PreprocessOptions(inputs=(str(inputs["manifest"]),), task="asr", output_prefix=str(work / "out" / "asr"),
-                             tokenizer=inputs["tokenizer"], hubert=inputs["hubert"], units=inputs["codebook"],
-                             workers=args.workers, shard_size=args.shard_size, device=args.device, overwrite=True,
-                             progress=False)
+    opts = PreprocessOptions(
+        inputs=(str(inputs["manifest"]),),
+        task="asr",
+        output_prefix=str(work / "out" / "asr"),
+        tokenizer=inputs["tokenizer"],
+        hubert=inputs["hubert"],
+        units=inputs["codebook"],
+        workers=args.workers,
+        shard_size=args.shard_size,
+        device=args.device,
+        overwrite=True,
+        progress=False,
+    )
     start = time.perf_counter()
     header = preprocess(opts)
     header["total_seconds"] = time.perf_counter() - start  # including planning (tokenizer, hashes)
@@ -98,8 +111,12 @@ def read_speed(prefix: str, header: dict, args) -> tuple[float, int]:
 
     torch.set_num_threads(1)
     config = AudioTextDatasetConfig(
-        random_seed=1234, sequence_length=args.seq_length, blend=([prefix], None), split="100,0,0",
-        text_vocab_size=header["text_vocab_size"], num_units=header["num_units"],
+        random_seed=1234,
+        sequence_length=args.seq_length,
+        blend=([prefix], None),
+        split="100,0,0",
+        text_vocab_size=header["text_vocab_size"],
+        num_units=header["num_units"],
     )
     train, _, _ = build_datasets(config, [None, None, None])
     order = np.random.default_rng(0).integers(0, len(train), args.reads)
@@ -122,13 +139,31 @@ def main(argv=None) -> int:
         wall = header["total_seconds"]
         non_model = 1.0 - header["model_seconds"] / (wall * args.workers)
         reads, items = read_speed(str(work / "out" / "asr"), header, args)
-        print(json.dumps({k: header[k] for k in ("samples", "tokens", "audio_seconds", "rejected", "model_seconds",
-                                                 "wall_seconds", "total_seconds")}))
-        print(f"HuBERT {inputs['hubert']}; {header['samples']} samples, {hours * 60:.1f} audio min packed in "
-              f"{wall:.1f} s ({header['model_seconds']:.1f} s in HuBERT forward); {items} training items of "
-              f"{args.seq_length} tokens")
-        print(f"pack: {hours / (wall / 60):.3f} audio-h/min, non-model share {100 * non_model:.1f}%, "
-              f"read {reads:.0f} samples/s")
+        print(
+            json.dumps(
+                {
+                    k: header[k]
+                    for k in (
+                        "samples",
+                        "tokens",
+                        "audio_seconds",
+                        "rejected",
+                        "model_seconds",
+                        "wall_seconds",
+                        "total_seconds",
+                    )
+                }
+            )
+        )
+        print(
+            f"HuBERT {inputs['hubert']}; {header['samples']} samples, {hours * 60:.1f} audio min packed in "
+            f"{wall:.1f} s ({header['model_seconds']:.1f} s in HuBERT forward); {items} training items of "
+            f"{args.seq_length} tokens"
+        )
+        print(
+            f"pack: {hours / (wall / 60):.3f} audio-h/min, non-model share {100 * non_model:.1f}%, "
+            f"read {reads:.0f} samples/s"
+        )
     return 0
 
 

@@ -37,9 +37,19 @@ def build_router(mamoe, hidden):
     from megatron_most.platform import fusion_settings
 
     config = TransformerConfig(
-        num_layers=1, hidden_size=hidden, num_attention_heads=4, ffn_hidden_size=4 * hidden, moe_ffn_hidden_size=64,
-        gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False, normalization="RMSNorm",
-        params_dtype=torch.float32, moe_layer_freq=1, **mamoe.megatron_fields(), **fusion_settings(),
+        num_layers=1,
+        hidden_size=hidden,
+        num_attention_heads=4,
+        ffn_hidden_size=4 * hidden,
+        moe_ffn_hidden_size=64,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        normalization="RMSNorm",
+        params_dtype=torch.float32,
+        moe_layer_freq=1,
+        **mamoe.megatron_fields(),
+        **fusion_settings(),
     )
     router = MAMoERouter(config, pg_collection=get_default_pg_collection(), mamoe=mamoe)
     router.set_layer_number(1)
@@ -88,8 +98,8 @@ def main():
         placements[placement] = slots
         n_local = EXPERTS // EP
         desc = " | ".join(
-            f"r{r}: {sum(e in text for e in slots[r * n_local:(r + 1) * n_local])}T"
-            f"+{sum(e in audio for e in slots[r * n_local:(r + 1) * n_local])}A"
+            f"r{r}: {sum(e in text for e in slots[r * n_local : (r + 1) * n_local])}T"
+            f"+{sum(e in audio for e in slots[r * n_local : (r + 1) * n_local])}A"
             for r in range(EP)
         )
         print(f"{placement:>10} placement: {desc}")
@@ -114,7 +124,9 @@ def main():
     worst = max(ratios[s, "balanced"] for s in SHARES)
     print()
     print(f"worst balanced max/mean over shares {', '.join(f'{s:.0%}' for s in SHARES)}: {worst:.3f} (target <= 1.15)")
-    print(f"max/mean EP-rank load at 80% text: balanced {ratios[0.8, 'balanced']:.3f} contiguous {ratios[0.8, 'contiguous']:.3f}")
+    print(
+        f"max/mean EP-rank load at 80% text: balanced {ratios[0.8, 'balanced']:.3f} contiguous {ratios[0.8, 'contiguous']:.3f}"
+    )
 
 
 if __name__ == "__main__":

@@ -36,10 +36,20 @@ def make_config(mamoe, **overrides):
     from megatron_most.platform import fusion_settings
 
     return TransformerConfig(
-        num_layers=1, hidden_size=HIDDEN, num_attention_heads=4, ffn_hidden_size=4 * HIDDEN,
-        moe_ffn_hidden_size=MOE_FFN, gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False,
-        normalization="RMSNorm", params_dtype=torch.float32, moe_layer_freq=1, hidden_dropout=0.0,
-        **mamoe.megatron_fields(), **{**fusion_settings(), **overrides},
+        num_layers=1,
+        hidden_size=HIDDEN,
+        num_attention_heads=4,
+        ffn_hidden_size=4 * HIDDEN,
+        moe_ffn_hidden_size=MOE_FFN,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        normalization="RMSNorm",
+        params_dtype=torch.float32,
+        moe_layer_freq=1,
+        hidden_dropout=0.0,
+        **mamoe.megatron_fields(),
+        **{**fusion_settings(), **overrides},
     )
 
 
@@ -103,7 +113,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=30, help="measured repetitions per layer")
     parser.add_argument(
-        "--threads", type=int, default=1,
+        "--threads",
+        type=int,
+        default=1,
         help="intra-op threads (1 by default: on this shared 2-core machine a second spinning OpenMP "
         "thread makes timings swing by 10x whenever anything else runs)",
     )
@@ -133,7 +145,9 @@ def main():
 
     _, _, modality = make_inputs()
     info = pack_routing_info(modality)
-    mamoe_no_aux = build_mamoe(MAMoEConfig(num_experts=EXPERTS, topk=TOPK, shared_expert_size=SHARED, balance_coeff=0.0), config)
+    mamoe_no_aux = build_mamoe(
+        MAMoEConfig(num_experts=EXPERTS, topk=TOPK, shared_expert_size=SHARED, balance_coeff=0.0), config
+    )
     mamoe_no_aux.load_state_dict(layer_mamoe.state_dict())
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads, device cpu")

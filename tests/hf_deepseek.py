@@ -80,7 +80,9 @@ def most_state_dict(hf, model) -> dict[str, torch.Tensor]:
         return fc1, src[prefix + "down_proj.weight"]
 
     out = {
-        "embedding.word_embeddings.weight": padded("embedding.word_embeddings.weight", src["model.embed_tokens.weight"]),
+        "embedding.word_embeddings.weight": padded(
+            "embedding.word_embeddings.weight", src["model.embed_tokens.weight"]
+        ),
         "output_layer.weight": padded("output_layer.weight", src["lm_head.weight"]),
         "decoder.final_layernorm.weight": src["model.norm.weight"],
     }

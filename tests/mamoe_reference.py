@@ -33,9 +33,11 @@ def balance_loss(scores, idx, modality, padding, groups, topk, per_group, seq, b
     """DeepSeek sequence-level aux loss: mean over sequences of E/(k T^2) sum_e P_e f_e."""
     num_experts = scores.shape[-1]
     selected = torch.zeros_like(scores).scatter(1, idx, 1.0)
-    terms = [(~padding, list(range(num_experts)))] if not per_group else [
-        ((~padding) & (modality == g), list(groups[g])) for g in (0, 1)
-    ]
+    terms = (
+        [(~padding, list(range(num_experts)))]
+        if not per_group
+        else [((~padding) & (modality == g), list(groups[g])) for g in (0, 1)]
+    )
     total = 0.0
     for tokens, experts in terms:
         losses = []

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -54,8 +53,9 @@ def speak(text: str, path: Path, *, rate: int = 16000, channels: int = 1, speed:
     path = Path(path)
     raw = path.with_name(path.stem + ".espeak.wav")
     subprocess.run(["espeak-ng", "-v", voice, "-s", str(speed), "-w", str(raw), text], check=True)
-    subprocess.run(["sox", str(raw), "-r", str(rate), "-c", str(channels), str(path)], check=True,
-                   stderr=subprocess.DEVNULL)
+    subprocess.run(
+        ["sox", str(raw), "-r", str(rate), "-c", str(channels), str(path)], check=True, stderr=subprocess.DEVNULL
+    )
     raw.unlink()
     return path
 
@@ -95,9 +95,15 @@ def tiny_hubert(directory: Path, *, hidden: int = 32, layers: int = 4, seed: int
 
     torch.manual_seed(seed)
     config = HubertConfig(
-        hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=2 * hidden,
-        conv_dim=(32, 32, 32, 32, 32, 32, 32), num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
-        do_stable_layer_norm=False, feat_extract_norm="group",
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=2 * hidden,
+        conv_dim=(32, 32, 32, 32, 32, 32, 32),
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=4,
+        do_stable_layer_norm=False,
+        feat_extract_norm="group",
     )
     HubertModel(config).eval().save_pretrained(directory)
     return Path(directory)
@@ -112,8 +118,16 @@ def sentencepiece_model(directory: Path, *, vocab_size: int = 120) -> Path:
     text = directory / "sp_train.txt"
     text.write_text("\n".join(SENTENCES * 4) + "\n", encoding="utf-8")
     spm.SentencePieceTrainer.train(
-        input=str(text), model_prefix=str(directory / "sp"), vocab_size=vocab_size, model_type="unigram",
-        hard_vocab_limit=False, bos_id=1, eos_id=2, unk_id=0, pad_id=-1, minloglevel=2,
+        input=str(text),
+        model_prefix=str(directory / "sp"),
+        vocab_size=vocab_size,
+        model_type="unigram",
+        hard_vocab_limit=False,
+        bos_id=1,
+        eos_id=2,
+        unk_id=0,
+        pad_id=-1,
+        minloglevel=2,
     )
     return directory / "sp.model"
 
@@ -126,8 +140,11 @@ def hf_tokenizer(directory: Path, *, vocab_size: int = 150) -> Path:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<bos>", "<eos>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<unk>", "<bos>", "<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(SENTENCES * 4, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>")
     fast.save_pretrained(directory)

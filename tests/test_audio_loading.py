@@ -22,8 +22,16 @@ from megatron_most.rejects import Rejected
 from tests.speech import make_corpus
 
 FORMATS = (  # every container at rates other than 16 kHz, mono and stereo, plus a 16 kHz pass-through
-    ("wav", 8000, 2), ("flac", 22050, 1), ("ogg", 24000, 2), ("mp3", 44100, 1), ("wav", 44100, 1),
-    ("flac", 8000, 2), ("ogg", 44100, 1), ("mp3", 22050, 2), ("mp3", 24000, 1), ("wav", 16000, 1),
+    ("wav", 8000, 2),
+    ("flac", 22050, 1),
+    ("ogg", 24000, 2),
+    ("mp3", 44100, 1),
+    ("wav", 44100, 1),
+    ("flac", 8000, 2),
+    ("ogg", 44100, 1),
+    ("mp3", 22050, 2),
+    ("mp3", 24000, 1),
+    ("wav", 16000, 1),
 )
 
 
@@ -71,10 +79,10 @@ def write_bad_files(directory: Path, good_flac: str, good_wav: str) -> dict[str,
     wav = Path(good_wav).read_bytes()
     (directory / "header_cut.wav").write_bytes(wav[:30])  # RIFF header cut before the data chunk
     bad[str(directory / "header_cut.wav")] = "cannot decode: "
-    (directory / "half.wav").write_bytes(wav[:len(wav) // 2])  # data chunk declares more than is there
+    (directory / "half.wav").write_bytes(wav[: len(wav) // 2])  # data chunk declares more than is there
     bad[str(directory / "half.wav")] = "truncated: header declares"
     flac = Path(good_flac).read_bytes()
-    (directory / "half.flac").write_bytes(flac[:len(flac) // 2])  # header fine, DALI's decoder dies mid-stream
+    (directory / "half.flac").write_bytes(flac[: len(flac) // 2])  # header fine, DALI's decoder dies mid-stream
     bad[str(directory / "half.flac")] = "truncated: decoded"
     sf.write(directory / "short.wav", np.zeros(199, np.float32), 16000)
     bad[str(directory / "short.wav")] = "too short: 199 samples < 400"
@@ -106,7 +114,7 @@ def test_bad_files_rejected_good_ones_kept(corpus, tmp_path):
 def test_truncated_flac_alone_in_dali_batch_gives_reason(corpus, tmp_path):
     flac = Path(corpus[1]).read_bytes()
     cut = tmp_path / "cut.flac"
-    cut.write_bytes(flac[:len(flac) // 2])
+    cut.write_bytes(flac[: len(flac) // 2])
     (result,) = AudioLoader(AudioOptions(device="cpu")).load([cut])
     assert isinstance(result, Rejected) and result.reason.startswith("truncated: decoded "), result
     assert f"of {sf.info(corpus[1]).frames} frames" in result.reason

@@ -121,6 +121,7 @@ def _all_to_all_with_host_split_sizes():
 
     _init(ep=2)
     from megatron.core.transformer.moe.moe_utils import maybe_move_tensor_to_cpu  # the patched one
+
     rank = torch.distributed.get_rank()
     group = parallel_state.get_expert_model_parallel_group()
     # rank 0 sends 1 row to rank 0 and 2 to rank 1; rank 1 sends 3 rows to rank 0 and 1 to rank 1
@@ -170,8 +171,15 @@ def _router_gating_without_te():
 
     _init()
     config = TransformerConfig(
-        num_layers=1, hidden_size=8, num_attention_heads=2, num_moe_experts=4, moe_router_topk=2,
-        moe_router_dtype="fp32", use_cpu_initialization=True, add_bias_linear=False, activation_func=F.silu,
+        num_layers=1,
+        hidden_size=8,
+        num_attention_heads=2,
+        num_moe_experts=4,
+        moe_router_topk=2,
+        moe_router_dtype="fp32",
+        use_cpu_initialization=True,
+        add_bias_linear=False,
+        activation_func=F.silu,
     )
     router = TopKRouter(config, pg_collection=get_default_pg_collection())
     x = torch.randn(5, 8)
@@ -216,8 +224,14 @@ def test_norm_matches_torch(kind, zero_centered):
     from megatron.core.transformer import TransformerConfig
 
     config = TransformerConfig(
-        num_layers=1, hidden_size=8, num_attention_heads=2, normalization=kind, sequence_parallel=True,
-        tensor_model_parallel_size=2, layernorm_zero_centered_gamma=zero_centered, activation_func=F.silu,
+        num_layers=1,
+        hidden_size=8,
+        num_attention_heads=2,
+        normalization=kind,
+        sequence_parallel=True,
+        tensor_model_parallel_size=2,
+        layernorm_zero_centered_gamma=zero_centered,
+        activation_func=F.silu,
     )
     norm = Norm(config, 8, eps=1e-6)
     with torch.no_grad():
@@ -227,5 +241,4 @@ def test_norm_matches_torch(kind, zero_centered):
         reference.weight.copy_(norm.weight + (1 if zero_centered else 0))
     x = torch.randn(4, 2, 8)
     torch.testing.assert_close(norm(x), reference(x))
-    assert all(getattr(p, "sequence_parallel") for p in norm.parameters())  # grads all-reduced over TP
-
+    assert all(p.sequence_parallel for p in norm.parameters())  # grads all-reduced over TP

@@ -66,14 +66,21 @@ def _single(root: str) -> dict:
     index = json.loads((hf_dir / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
     ids, expected = _hf_logits(hf, most.text_vocab_size)
-    out: dict = {"shards": len(shards), "per_expert": "model.layers.1.mlp.experts.3.gate_proj.weight" in index["weight_map"]}
+    out: dict = {
+        "shards": len(shards),
+        "per_expert": "model.layers.1.mlp.experts.3.gate_proj.weight" in index["weight_map"],
+    }
 
     # the command line tool, with --verify
     from tests.test_convert_to_hf import _tool
 
     tool = _tool()
-    out["cli_rc"] = tool.main(["hf-to-megatron", "--hf", str(hf_dir), "--out", str(root / "text"), "--preset", "deepseek_v2_lite", "--verify"])
-    out["cli_again"] = tool.main(["hf-to-megatron", "--hf", str(hf_dir), "--out", str(root / "text"), "--preset", "deepseek_v2_lite"])
+    out["cli_rc"] = tool.main(
+        ["hf-to-megatron", "--hf", str(hf_dir), "--out", str(root / "text"), "--preset", "deepseek_v2_lite", "--verify"]
+    )
+    out["cli_again"] = tool.main(
+        ["hf-to-megatron", "--hf", str(hf_dir), "--out", str(root / "text"), "--preset", "deepseek_v2_lite"]
+    )
 
     initialize(ParallelLayout(), num_experts=most.mamoe.num_experts)
     converted = mapping.config_from_hf(json.loads((hf_dir / "config.json").read_text()), preset("deepseek_v2_lite"))
@@ -111,15 +118,19 @@ def _single(root: str) -> dict:
     fc1 = state[f"decoder.layers.{layer}.mlp.experts.local_experts.{e}.linear_fc1.weight"]
     gate_up = src[f"model.layers.{layer}.mlp.experts.gate_up_proj"][e]
     table = state["embedding.word_embeddings.weight"]
-    new_rows = table[most.text_vocab_size:]
+    new_rows = table[most.text_vocab_size :]
     out["mamoe"] = dict(
         expert_by_index=torch.equal(fc1, gate_up),
-        router=torch.equal(state[f"decoder.layers.{layer}.mlp.router.weight"], src[f"model.layers.{layer}.mlp.gate.weight"]),
+        router=torch.equal(
+            state[f"decoder.layers.{layer}.mlp.router.weight"], src[f"model.layers.{layer}.mlp.gate.weight"]
+        ),
         text_rows=torch.equal(table[: most.text_vocab_size], src["model.embed_tokens.weight"]),
-        new_rows_std=new_rows.std().item(), init_std=mamoe.init_std,
+        new_rows_std=new_rows.std().item(),
+        init_std=mamoe.init_std,
         projection_std=state["audio_projection.weight"].std().item(),
         bias_zero=bool((state["audio_projection.bias"] == 0).all()),
-        groups=mamoe.mamoe.groups(), units=mamoe.num_units,
+        groups=mamoe.mamoe.groups(),
+        units=mamoe.num_units,
     )
 
     # transformers' in-memory layout (fused experts: gate_up_proj[E], down_proj[E]) in ONE bf16
@@ -130,7 +141,9 @@ def _single(root: str) -> dict:
 
     fused_dir = root / "fused"
     fused_dir.mkdir()
-    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in hf.state_dict().items()}, str(fused_dir / "model.safetensors"))
+    save_file(
+        {k: v.to(torch.bfloat16).contiguous() for k, v in hf.state_dict().items()}, str(fused_dir / "model.safetensors")
+    )
     shutil.copy(hf_dir / "config.json", fused_dir / "config.json")
     fused, _ = convert(fused_dir, root / "fused_out", preset("deepseek_v2_lite"), log=lambda *_: None)
     rounded = copy_module.deepcopy(hf)
@@ -147,8 +160,19 @@ def _single(root: str) -> dict:
     # written in the source's bf16 by default, fp32 on request; --verify passes for both
     out["fused_dtypes"] = _stored_dtypes(root / "fused_out")
     for name, extra in (("bf16", []), ("fp32", ["--dtype", "fp32"])):
-        rc = tool.main(["hf-to-megatron", "--hf", str(fused_dir), "--out", str(root / f"fused_{name}"), "--preset",
-                        "deepseek_v2_lite", "--verify", *extra])
+        rc = tool.main(
+            [
+                "hf-to-megatron",
+                "--hf",
+                str(fused_dir),
+                "--out",
+                str(root / f"fused_{name}"),
+                "--preset",
+                "deepseek_v2_lite",
+                "--verify",
+                *extra,
+            ]
+        )
         out[f"fused_{name}_cli"] = (rc, _stored_dtypes(root / f"fused_{name}"))
 
     # bad input: each on a copy of the HF directory; none may leave a checkpoint behind
@@ -160,25 +184,36 @@ def _single(root: str) -> dict:
     errors = {}
     d = copy("missing_shard")
     (d / shards[1]).unlink()
-    errors["missing shard"] = _expect_error(lambda: convert(d, root / "o1", preset("deepseek_v2_lite")), shards[1], "missing")
+    errors["missing shard"] = _expect_error(
+        lambda: convert(d, root / "o1", preset("deepseek_v2_lite")), shards[1], "missing"
+    )
     d = copy("truncated")
     data = (d / shards[2]).read_bytes()
     (d / shards[2]).write_bytes(data[: len(data) - 100])
-    errors["truncated shard"] = _expect_error(lambda: convert(d, root / "o2", preset("deepseek_v2_lite")), shards[2], "truncated")
+    errors["truncated shard"] = _expect_error(
+        lambda: convert(d, root / "o2", preset("deepseek_v2_lite")), shards[2], "truncated"
+    )
     d = copy("absent")
     bad = json.loads((d / "model.safetensors.index.json").read_text())
     bad["weight_map"]["model.layers.1.mlp.experts.9.gate_proj.weight"] = shards[0]
     (d / "model.safetensors.index.json").write_text(json.dumps(bad))
     errors["index names absent tensor"] = _expect_error(
-        lambda: convert(d, root / "o3", preset("deepseek_v2_lite")), "model.layers.1.mlp.experts.9.gate_proj.weight", "absent")
-    for name, field, value, fragment in (("experts", "n_routed_experts", 16, "model.layers.1.mlp.gate.weight"),
-                                         ("experts_fewer", "n_routed_experts", 4, "not used"),
-                                         ("hidden", "hidden_size", 128, "model.embed_tokens.weight")):
+        lambda: convert(d, root / "o3", preset("deepseek_v2_lite")),
+        "model.layers.1.mlp.experts.9.gate_proj.weight",
+        "absent",
+    )
+    for name, field, value, fragment in (
+        ("experts", "n_routed_experts", 16, "model.layers.1.mlp.gate.weight"),
+        ("experts_fewer", "n_routed_experts", 4, "not used"),
+        ("hidden", "hidden_size", 128, "model.embed_tokens.weight"),
+    ):
         d = copy(name)
         cfg = json.loads((d / "config.json").read_text())
         cfg[field] = value
         (d / "config.json").write_text(json.dumps(cfg))
-        errors[f"config {field}={value}"] = _expect_error(lambda: convert(d, root / f"o_{name}", preset("deepseek_v2_lite")), fragment)
+        errors[f"config {field}={value}"] = _expect_error(
+            lambda d=d, name=name: convert(d, root / f"o_{name}", preset("deepseek_v2_lite")), fragment
+        )
     from megatron_most.convert.hf_reader import HFCheckpoint
 
     real_get, calls = HFCheckpoint.get, []
@@ -191,10 +226,14 @@ def _single(root: str) -> dict:
 
     HFCheckpoint.get = failing_get
     try:
-        errors["read error mid-write"] = _expect_error(lambda: convert(hf_dir, root / "o_midway", preset("deepseek_v2_lite")), "simulated")
+        errors["read error mid-write"] = _expect_error(
+            lambda: convert(hf_dir, root / "o_midway", preset("deepseek_v2_lite")), "simulated"
+        )
     finally:
         HFCheckpoint.get = real_get
-    errors["existing output"] = _expect_error(lambda: convert(hf_dir, root / "text", preset("deepseek_v2_lite")), "already holds a checkpoint")
+    errors["existing output"] = _expect_error(
+        lambda: convert(hf_dir, root / "text", preset("deepseek_v2_lite")), "already holds a checkpoint"
+    )
     out["errors"] = errors
     out["left_behind"] = sorted(p.name for p in root.iterdir() if p.name.startswith("o") or ".partial" in p.name)
     return out
@@ -252,7 +291,10 @@ def _pipelined_forward(model, ids, hidden):
     from megatron.core import parallel_state
 
     group = parallel_state.get_pipeline_model_parallel_group()
-    first, last = parallel_state.get_pipeline_model_parallel_first_rank(), parallel_state.get_pipeline_model_parallel_last_rank()
+    first, last = (
+        parallel_state.get_pipeline_model_parallel_first_rank(),
+        parallel_state.get_pipeline_model_parallel_last_rank(),
+    )
     if parallel_state.is_pipeline_first_stage():
         out = model(input_ids=ids, position_ids=None, attention_mask=None)
         torch.distributed.send(out.contiguous(), dst=last, group=group)
@@ -309,17 +351,49 @@ def test_output_dtype_follows_source_or_option(single):
 
 
 HUB_CONFIG = {  # deepseek-ai/DeepSeek-V2-Lite config.json (the fields the converter reads)
-    "architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2", "aux_loss_alpha": 0.001,
-    "first_k_dense_replace": 1, "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.006,
-    "intermediate_size": 10944, "kv_lora_rank": 512, "max_position_embeddings": 163840, "moe_intermediate_size": 1408,
-    "moe_layer_freq": 1, "n_group": 1, "n_routed_experts": 64, "n_shared_experts": 2, "norm_topk_prob": False,
-    "num_attention_heads": 16, "num_experts_per_tok": 6, "num_hidden_layers": 27, "num_key_value_heads": 16,
-    "q_lora_rank": None, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "rms_norm_eps": 1e-06,
-    "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 0.707, "mscale_all_dim": 0.707,
-                     "original_max_position_embeddings": 4096, "type": "yarn"},
-    "rope_theta": 10000, "routed_scaling_factor": 1.0, "scoring_func": "softmax", "seq_aux": True,
-    "tie_word_embeddings": False, "topk_group": 1, "topk_method": "greedy", "torch_dtype": "bfloat16",
-    "v_head_dim": 128, "vocab_size": 102400,
+    "architectures": ["DeepseekV2ForCausalLM"],
+    "model_type": "deepseek_v2",
+    "aux_loss_alpha": 0.001,
+    "first_k_dense_replace": 1,
+    "hidden_act": "silu",
+    "hidden_size": 2048,
+    "initializer_range": 0.006,
+    "intermediate_size": 10944,
+    "kv_lora_rank": 512,
+    "max_position_embeddings": 163840,
+    "moe_intermediate_size": 1408,
+    "moe_layer_freq": 1,
+    "n_group": 1,
+    "n_routed_experts": 64,
+    "n_shared_experts": 2,
+    "norm_topk_prob": False,
+    "num_attention_heads": 16,
+    "num_experts_per_tok": 6,
+    "num_hidden_layers": 27,
+    "num_key_value_heads": 16,
+    "q_lora_rank": None,
+    "qk_nope_head_dim": 128,
+    "qk_rope_head_dim": 64,
+    "rms_norm_eps": 1e-06,
+    "rope_scaling": {
+        "beta_fast": 32,
+        "beta_slow": 1,
+        "factor": 40,
+        "mscale": 0.707,
+        "mscale_all_dim": 0.707,
+        "original_max_position_embeddings": 4096,
+        "type": "yarn",
+    },
+    "rope_theta": 10000,
+    "routed_scaling_factor": 1.0,
+    "scoring_func": "softmax",
+    "seq_aux": True,
+    "tie_word_embeddings": False,
+    "topk_group": 1,
+    "topk_method": "greedy",
+    "torch_dtype": "bfloat16",
+    "v_head_dim": 128,
+    "vocab_size": 102400,
 }
 
 
@@ -331,9 +405,12 @@ def test_hub_config_gives_the_presets():
     for name in ("deepseek_v2_lite_most", "deepseek_v2_lite"):
         base = preset(name)
         assert config_from_hf(HUB_CONFIG, base) == base, name
-    for change, fragment in (({"q_lora_rank": 1536}, "q_lora_rank"), ({"norm_topk_prob": True}, "norm_topk_prob"),
-                             ({"rope_scaling": {"type": "linear", "factor": 4}}, "yarn"),
-                             ({"num_experts_per_tok": 40}, "n_routed_experts")):
+    for change, fragment in (
+        ({"q_lora_rank": 1536}, "q_lora_rank"),
+        ({"norm_topk_prob": True}, "norm_topk_prob"),
+        ({"rope_scaling": {"type": "linear", "factor": 4}}, "yarn"),
+        ({"num_experts_per_tok": 40}, "n_routed_experts"),
+    ):
         with pytest.raises(ConfigError, match=fragment):
             config_from_hf({**HUB_CONFIG, **change}, preset("deepseek_v2_lite_most"))
 

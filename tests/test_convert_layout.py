@@ -54,7 +54,9 @@ def _body(root: str) -> dict:
 
     root = Path(root)
     hf_dir = root / "hf"
-    hf_deepseek.hf_model(tiny_text_config().replace(seq_length=SEQ), seed=0).save_pretrained(hf_dir, max_shard_size="100KB")
+    hf_deepseek.hf_model(tiny_text_config().replace(seq_length=SEQ), seed=0).save_pretrained(
+        hf_dir, max_shard_size="100KB"
+    )
     broken = root / "hf_missing_shard"  # a layout error must come before any shard is opened
     shutil.copytree(hf_dir, broken)
     next(iter(sorted(broken.glob("model-*.safetensors")))).unlink()
@@ -62,11 +64,30 @@ def _body(root: str) -> dict:
     out: dict = {"bad": {}}
     for name, (flags, _) in BAD_LAYOUTS.items():
         for source in (hf_dir, broken):
-            rc, text = _run_tool(tool, ["hf-to-megatron", "--hf", str(source), "--out", str(root / "bad"), "--preset", "tiny", *flags])
+            rc, text = _run_tool(
+                tool, ["hf-to-megatron", "--hf", str(source), "--out", str(root / "bad"), "--preset", "tiny", *flags]
+            )
             out["bad"][f"{name} ({source.name})"] = (rc, text)
 
-    rc, text = _run_tool(tool, ["hf-to-megatron", "--hf", str(hf_dir), "--out", str(root / "tp2ep2"), "--preset", "tiny",
-                                "--tp", "2", "--ep", "2", "--etp", "1", "--verify"])
+    rc, text = _run_tool(
+        tool,
+        [
+            "hf-to-megatron",
+            "--hf",
+            str(hf_dir),
+            "--out",
+            str(root / "tp2ep2"),
+            "--preset",
+            "tiny",
+            "--tp",
+            "2",
+            "--ep",
+            "2",
+            "--etp",
+            "1",
+            "--verify",
+        ],
+    )
     out["good"] = (rc, text)
 
     layout = ParallelLayout(tp=2, ep=2, etp=1, sp=True)
@@ -128,8 +149,27 @@ def _pipelined(root: str) -> tuple[int, str]:
 
     root = Path(root)
     hf_deepseek.hf_model(tiny_text_config().replace(seq_length=SEQ), seed=1).save_pretrained(root / "hf")
-    return _run_tool(_tool(), ["hf-to-megatron", "--hf", str(root / "hf"), "--out", str(root / "pp2"), "--preset", "tiny",
-                               "--tp", "2", "--pp", "2", "--ep", "2", "--etp", "1", "--verify"])
+    return _run_tool(
+        _tool(),
+        [
+            "hf-to-megatron",
+            "--hf",
+            str(root / "hf"),
+            "--out",
+            str(root / "pp2"),
+            "--preset",
+            "tiny",
+            "--tp",
+            "2",
+            "--pp",
+            "2",
+            "--ep",
+            "2",
+            "--etp",
+            "1",
+            "--verify",
+        ],
+    )
 
 
 @pytest.mark.slow

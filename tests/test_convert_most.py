@@ -51,7 +51,9 @@ def _save_tokenizer(directory: Path) -> None:
     words = sorted(set(SAMPLE_TEXT.replace(".", " . ").replace(",", " , ").replace(":", " : ").split()))
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["[UNK]", "<s>", "</s>", *words])}, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", bos_token="<s>", eos_token="</s>").save_pretrained(str(directory))
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", bos_token="<s>", eos_token="</s>").save_pretrained(
+        str(directory)
+    )
 
 
 @contextlib.contextmanager
@@ -71,7 +73,10 @@ def _swapped_expert_halves():
 
 
 def _diffs(printed: str) -> dict:
-    return {m[0]: (float(m[1]), m[2]) for m in re.findall(r"verify \(([\w+]+)\): max abs logit diff (\S+) .* (PASS|FAIL)", printed)}
+    return {
+        m[0]: (float(m[1]), m[2])
+        for m in re.findall(r"verify \(([\w+]+)\): max abs logit diff (\S+) .* (PASS|FAIL)", printed)
+    }
 
 
 def _body(root: str) -> dict:
@@ -110,21 +115,49 @@ def _body(root: str) -> dict:
 
     # export (auto format: MoST remote code) with --verify, load with trust_remote_code
     export = root / "export"
-    out["rc"], out["printed"] = _run(tool, ["megatron-to-hf", "--megatron", root / "most", "--out", export,
-                                            "--tokenizer", root / "tok", "--max-shard-size", "200KB", "--verify"])
+    out["rc"], out["printed"] = _run(
+        tool,
+        [
+            "megatron-to-hf",
+            "--megatron",
+            root / "most",
+            "--out",
+            export,
+            "--tokenizer",
+            root / "tok",
+            "--max-shard-size",
+            "200KB",
+            "--verify",
+        ],
+    )
     config = json.loads((export / "config.json").read_text())
-    out["config"] = {k: config.get(k) for k in ("auto_map", "model_type", "vocab_size", "text_vocab_size", "num_units",
-                                                "audio_feature_dim", "bos_token_id", "eos_token_id", "masking", "torch_dtype")}
+    out["config"] = {
+        k: config.get(k)
+        for k in (
+            "auto_map",
+            "model_type",
+            "vocab_size",
+            "text_vocab_size",
+            "num_units",
+            "audio_feature_dim",
+            "bos_token_id",
+            "eos_token_id",
+            "masking",
+            "torch_dtype",
+        )
+    }
     out["auto_map_ok"] = config["auto_map"] == AUTO_MAP
     out["files"] = sorted(p.name for p in export.iterdir())
     tensors = {}
     for f in export.glob("*.safetensors"):
         tensors.update(load_file(str(f)))
     state = model.state_dict()
-    out["tables_exact"] = (torch.equal(tensors["model.embed_tokens.weight"], state["embedding.word_embeddings.weight"])
-                           and torch.equal(tensors["lm_head.weight"], state["output_layer.weight"]))
-    out["projection_exact"] = (torch.equal(tensors["model.audio_projection.weight"], state["audio_projection.weight"])
-                               and torch.equal(tensors["model.audio_projection.bias"], state["audio_projection.bias"]))
+    out["tables_exact"] = torch.equal(
+        tensors["model.embed_tokens.weight"], state["embedding.word_embeddings.weight"]
+    ) and torch.equal(tensors["lm_head.weight"], state["output_layer.weight"])
+    out["projection_exact"] = torch.equal(
+        tensors["model.audio_projection.weight"], state["audio_projection.weight"]
+    ) and torch.equal(tensors["model.audio_projection.bias"], state["audio_projection.bias"])
     loaded = AutoModelForCausalLM.from_pretrained(export, trust_remote_code=True, dtype=torch.float32).eval()
     out["class"] = (type(loaded).__name__, type(loaded).__module__)
     with torch.no_grad():
@@ -135,23 +168,53 @@ def _body(root: str) -> dict:
     out["audio_positions"] = int((ids >= most.tokens.boa).sum())
 
     # bos/eos refusals
-    out["bos_conflict"] = _run(tool, ["megatron-to-hf", "--megatron", root / "most", "--out", root / "e1",
-                                      "--tokenizer", root / "tok", "--bos-id", "5"])
+    out["bos_conflict"] = _run(
+        tool,
+        [
+            "megatron-to-hf",
+            "--megatron",
+            root / "most",
+            "--out",
+            root / "e1",
+            "--tokenizer",
+            root / "tok",
+            "--bos-id",
+            "5",
+        ],
+    )
     out["bos_default"] = _run(tool, ["megatron-to-hf", "--megatron", root / "most", "--out", root / "e2"])
 
     # a corrupted table: the export's --verify fails
     with _swapped_expert_halves():
-        out["m2h_corrupt"] = _run(tool, ["megatron-to-hf", "--megatron", root / "most", "--out", root / "bad_export",
-                                         "--bos-id", "1", "--eos-id", "2", "--verify"])
+        out["m2h_corrupt"] = _run(
+            tool,
+            [
+                "megatron-to-hf",
+                "--megatron",
+                root / "most",
+                "--out",
+                root / "bad_export",
+                "--bos-id",
+                "1",
+                "--eos-id",
+                "2",
+                "--verify",
+            ],
+        )
 
     # hf-to-megatron with the MAMoE preset: text and text+audio checks, then a corrupted table
     hf = hf_deepseek.hf_model(tiny_text_config().replace(seq_length=32), seed=SEED)
     hf.save_pretrained(root / "hf", max_shard_size="100KB")
-    out["h2m"] = _run(tool, ["hf-to-megatron", "--hf", root / "hf", "--out", root / "mamoe", "--preset", "tiny", "--verify"])
+    out["h2m"] = _run(
+        tool, ["hf-to-megatron", "--hf", root / "hf", "--out", root / "mamoe", "--preset", "tiny", "--verify"]
+    )
     with _swapped_expert_halves():
-        out["h2m_corrupt"] = _run(tool, ["hf-to-megatron", "--hf", root / "hf", "--out", root / "bad_mamoe", "--preset", "tiny",
-                                         "--verify"])
-    out["left"] = sorted(p.name for p in root.iterdir() if p.name.startswith(("bad", "e1", "e2")) or ".partial" in p.name)
+        out["h2m_corrupt"] = _run(
+            tool, ["hf-to-megatron", "--hf", root / "hf", "--out", root / "bad_mamoe", "--preset", "tiny", "--verify"]
+        )
+    out["left"] = sorted(
+        p.name for p in root.iterdir() if p.name.startswith(("bad", "e1", "e2")) or ".partial" in p.name
+    )
     return out
 
 
@@ -163,7 +226,9 @@ def result(tmp_path_factory):
 def test_remote_code_export_matches_megatron_logits(result):
     r = result
     assert r["rc"] == 0, r["printed"]
-    print(f"AutoModelForCausalLM(trust_remote_code) vs MoSTModel: max |diff| {r['diff']:.3g} (max |logit| {r['max_logit']:.3f})")
+    print(
+        f"AutoModelForCausalLM(trust_remote_code) vs MoSTModel: max |diff| {r['diff']:.3g} (max |logit| {r['max_logit']:.3f})"
+    )
     assert r["class"][0] == "MoSTForCausalLM" and "megatron_most" not in r["class"][1], r["class"]
     assert r["shape"][0] == r["shape"][1] and r["audio_positions"] > 20, r
     assert r["max_logit"] > 0.5 and r["diff"] < TOLERANCE, r
@@ -174,17 +239,32 @@ def test_remote_code_export_files_and_config(result):
     r = result
     assert r["auto_map_ok"], r["config"]
     c = r["config"]
-    assert c["model_type"] == "most" and c["vocab_size"] == 384 and c["text_vocab_size"] == 256, c  # 256 + 3 + 32 -> 384
-    assert (c["num_units"], c["audio_feature_dim"], c["masking"], c["torch_dtype"]) == (32, 16, "zero_after_softmax", "float32"), c
+    assert c["model_type"] == "most" and c["vocab_size"] == 384 and c["text_vocab_size"] == 256, (
+        c
+    )  # 256 + 3 + 32 -> 384
+    assert (c["num_units"], c["audio_feature_dim"], c["masking"], c["torch_dtype"]) == (
+        32,
+        16,
+        "zero_after_softmax",
+        "float32",
+    ), c
     assert (c["bos_token_id"], c["eos_token_id"]) == (1, 2), c  # the tokenizer's
-    assert {"configuration_most.py", "modeling_most.py", "config.json", "model.safetensors.index.json",
-            "tokenizer.json", "tokenizer_config.json"} <= set(r["files"]), r["files"]
+    assert {
+        "configuration_most.py",
+        "modeling_most.py",
+        "config.json",
+        "model.safetensors.index.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    } <= set(r["files"]), r["files"]
     assert sum(f.endswith(".safetensors") for f in r["files"]) >= 2, r["files"]
 
 
 def test_export_verify_checks_text_and_audio(result):
     d = _diffs(result["printed"])
-    assert set(d) == {"text+audio"} and d["text+audio"][1] == "PASS" and d["text+audio"][0] < TOLERANCE, result["printed"]
+    assert set(d) == {"text+audio"} and d["text+audio"][1] == "PASS" and d["text+audio"][0] < TOLERANCE, result[
+        "printed"
+    ]
     assert "tokens of sample text" in result["printed"], result["printed"]
 
 
@@ -192,7 +272,9 @@ def test_bos_eos_errors_name_field_value_and_fix(result):
     rc, printed = result["bos_conflict"]
     assert rc == 2 and "bos_token_id=5" in printed and "differs from the tokenizer's 1" in printed, printed
     rc, printed = result["bos_default"]
-    assert rc == 2 and "bos_token_id=100000" in printed and "text_vocab_size=256" in printed and "--bos-id" in printed, printed
+    assert (
+        rc == 2 and "bos_token_id=100000" in printed and "text_vocab_size=256" in printed and "--bos-id" in printed
+    ), printed
 
 
 def test_hf_to_megatron_verify_checks_text_and_audio(result):

@@ -31,7 +31,9 @@ SHARD = 150_000
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location("convert_checkpoint", Path(__file__).parent.parent / "tools" / "convert_checkpoint.py")
+    spec = importlib.util.spec_from_file_location(
+        "convert_checkpoint", Path(__file__).parent.parent / "tools" / "convert_checkpoint.py"
+    )
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
     return tool
@@ -81,15 +83,34 @@ def _body(root: str) -> dict:
     (root / "tok" / "model.safetensors").write_text("not a tokenizer file")
     tool = _tool()
     out: dict = {}
-    out["h2m_rc"] = tool.main(["hf-to-megatron", "--hf", str(hf_dir), "--out", str(root / "text"), "--preset", "deepseek_v2_lite"])
-    out["h2m_mamoe_rc"] = tool.main(["hf-to-megatron", "--hf", str(hf_dir), "--out", str(root / "mamoe"), "--preset", "tiny"])
+    out["h2m_rc"] = tool.main(
+        ["hf-to-megatron", "--hf", str(hf_dir), "--out", str(root / "text"), "--preset", "deepseek_v2_lite"]
+    )
+    out["h2m_mamoe_rc"] = tool.main(
+        ["hf-to-megatron", "--hf", str(hf_dir), "--out", str(root / "mamoe"), "--preset", "tiny"]
+    )
 
     export = root / "export"
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        out["rc"] = tool.main(["megatron-to-hf", "--megatron", str(root / "text"), "--out", str(export),
-                               "--tokenizer", str(root / "tok"), "--max-shard-size", str(SHARD), "--verify",
-                               "--bos-id", "1", "--eos-id", "2"])
+        out["rc"] = tool.main(
+            [
+                "megatron-to-hf",
+                "--megatron",
+                str(root / "text"),
+                "--out",
+                str(export),
+                "--tokenizer",
+                str(root / "tok"),
+                "--max-shard-size",
+                str(SHARD),
+                "--verify",
+                "--bos-id",
+                "1",
+                "--eos-id",
+                "2",
+            ]
+        )
     out["printed"] = printed.getvalue()
 
     # tensors: names, shapes, dtypes, values
@@ -97,8 +118,16 @@ def _body(root: str) -> dict:
     out["names_equal"] = sorted(original) == sorted(exported)
     out["missing"] = sorted(set(original) - set(exported))[:5]
     out["extra"] = sorted(set(exported) - set(original))[:5]
-    out["mismatched"] = [n for n in original if n in exported and not (
-        original[n].dtype == exported[n].dtype and original[n].shape == exported[n].shape and torch.equal(original[n], exported[n]))]
+    out["mismatched"] = [
+        n
+        for n in original
+        if n in exported
+        and not (
+            original[n].dtype == exported[n].dtype
+            and original[n].shape == exported[n].shape
+            and torch.equal(original[n], exported[n])
+        )
+    ]
     out["count"] = len(original)
 
     index = json.loads((export / "model.safetensors.index.json").read_text())
@@ -106,7 +135,9 @@ def _body(root: str) -> dict:
     out["index_names"] = sorted(index["weight_map"]) == sorted(exported)
     out["index_files"] = sorted(set(index["weight_map"].values())) == shard_files
     out["shards"] = len(shard_files)
-    out["shard_bytes"] = [sum(t.numel() * t.element_size() for n, t in _read_all_file(export / f).items()) for f in shard_files]
+    out["shard_bytes"] = [
+        sum(t.numel() * t.element_size() for n, t in _read_all_file(export / f).items()) for f in shard_files
+    ]
     out["total_size"] = index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in exported.values())
     out["files"] = sorted(p.name for p in export.iterdir())
 
@@ -115,7 +146,9 @@ def _body(root: str) -> dict:
     out["model_type"] = cfg.model_type
     out["special_ids"] = (cfg.bos_token_id, cfg.eos_token_id)
     written = json.loads((export / "config.json").read_text())
-    out["config_round_trip"] = mapping.config_from_hf(written, load_most_config(root / "text")) == load_most_config(root / "text")
+    out["config_round_trip"] = mapping.config_from_hf(written, load_most_config(root / "text")) == load_most_config(
+        root / "text"
+    )
     ids = torch.randint(0, most.text_vocab_size, (BATCH, SEQ), generator=torch.Generator().manual_seed(SEED + 1))
     reloaded = DeepseekV2ForCausalLM.from_pretrained(export, attn_implementation="eager").float().eval()
     with torch.no_grad():
@@ -131,11 +164,22 @@ def _body(root: str) -> dict:
         (root / "busy").mkdir()
         (root / "busy" / "notes.txt").write_text("mine")
         out["busy_rc"] = tool.main(["megatron-to-hf", "--megatron", str(root / "text"), "--out", str(root / "busy")])
-        out["most_rc"] = tool.main(["megatron-to-hf", "--megatron", str(root / "mamoe"), "--out", str(root / "most_out"),
-                                    "--format", "deepseek_v2"])
+        out["most_rc"] = tool.main(
+            [
+                "megatron-to-hf",
+                "--megatron",
+                str(root / "mamoe"),
+                "--out",
+                str(root / "most_out"),
+                "--format",
+                "deepseek_v2",
+            ]
+        )
         out["no_config_rc"] = tool.main(["megatron-to-hf", "--megatron", str(hf_dir), "--out", str(root / "most_out")])
     out["errors"] = errors.getvalue()
-    out["untouched"] = before == sorted(p.name for p in export.iterdir()) and (root / "busy" / "notes.txt").read_text() == "mine"
+    out["untouched"] = (
+        before == sorted(p.name for p in export.iterdir()) and (root / "busy" / "notes.txt").read_text() == "mine"
+    )
     out["left_behind"] = sorted(p.name for p in root.iterdir() if ".partial" in p.name or p.name == "most_out")
     return out
 
@@ -184,12 +228,23 @@ def _export_resharded(root: str) -> dict:
     original = _read_all(root / "hf")
     out = {}
     for name in ("tp2", "ep2"):
-        _, stats = export(root / name, root / f"{name}_hf", dtype=torch.bfloat16, max_shard_size="1MB", bos_token_id=1,
-                          eos_token_id=2, log=lambda *_: None)
+        _, stats = export(
+            root / name,
+            root / f"{name}_hf",
+            dtype=torch.bfloat16,
+            max_shard_size="1MB",
+            bos_token_id=1,
+            eos_token_id=2,
+            log=lambda *_: None,
+        )
         got = _read_all(root / f"{name}_hf")
         out[name] = dict(
             names=sorted(got) == sorted(original),
-            bad=[n for n in original if not (got[n].dtype == torch.bfloat16 and torch.equal(got[n], original[n].to(torch.bfloat16)))],
+            bad=[
+                n
+                for n in original
+                if not (got[n].dtype == torch.bfloat16 and torch.equal(got[n], original[n].to(torch.bfloat16)))
+            ],
             torch_dtype=json.loads((root / f"{name}_hf" / "config.json").read_text())["torch_dtype"],
             largest=stats.largest_megatron_tensor_bytes,
         )
@@ -228,7 +283,10 @@ def test_export_from_resharded_checkpoints_in_bf16(result):
     for name in ("tp2", "ep2"):
         r = result["resharded"][name]
         assert r["names"] and r["bad"] == [] and r["torch_dtype"] == "bfloat16", (name, r)
-        assert r["largest"] <= 256 * 64 * 4, (name, r)  # one Megatron tensor at a time: at most [256, 64] fp32 (vocab, dense fc1)
+        assert r["largest"] <= 256 * 64 * 4, (
+            name,
+            r,
+        )  # one Megatron tensor at a time: at most [256, 64] fp32 (vocab, dense fc1)
 
 
 def test_round_trip_and_verify_cli(result):
@@ -251,7 +309,9 @@ def test_shards_and_index(result):
     assert r["shards"] >= 3, r
     big = [b for b in r["shard_bytes"] if b > SHARD]
     assert len(big) <= 1, r["shard_bytes"]  # only a shard holding one oversized tensor may exceed
-    assert {"config.json", "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json"} <= set(r["files"]), r["files"]
+    assert {"config.json", "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json"} <= set(
+        r["files"]
+    ), r["files"]
     assert "model.safetensors" not in r["files"]  # only tokenizer files are copied
 
 

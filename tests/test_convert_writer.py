@@ -55,7 +55,7 @@ def _write_both(root: str) -> dict:
         with torch.device("meta"):  # the template holds no data
             template = selfcheck.build_model(layout, kind).sharded_state_dict()
         state = model.state_dict(keep_vars=True)
-        loaders = {k: (lambda k=k: state[k].detach().clone()) for k in _loader_keys(template)}
+        loaders = {k: (lambda k=k, state=state: state[k].detach().clone()) for k in _loader_keys(template)}
         stats = write_torch_dist(template, loaders, ours)
 
         from_ref, from_ours = selfcheck.load_values(model, ref), selfcheck.load_values(model, ours)
@@ -63,8 +63,11 @@ def _write_both(root: str) -> dict:
             stats=stats,
             same_metadata=_tensor_metadata(ref) == _tensor_metadata(ours),
             same_files={f: (ref / f).read_bytes() == (ours / f).read_bytes() for f in ("metadata.json", "common.pt")},
-            mismatched=[n for n, p in model.named_parameters()
-                        if not (torch.equal(from_ref[n], p) and torch.equal(from_ours[n], p))],
+            mismatched=[
+                n
+                for n, p in model.named_parameters()
+                if not (torch.equal(from_ref[n], p) and torch.equal(from_ours[n], p))
+            ],
             params=len(from_ours),
         )
     return out
@@ -182,10 +185,12 @@ def _write_tracked(out: str, hidden: int, experts: int, layers: int) -> dict:
     loaders["fc1.weight"] = lambda: [tracker.make(half, values["fc1.weight"]) for _ in range(2)]
 
     errors = {}
-    for name, bad in (("missing", {k: v for k, v in loaders.items() if k != "fc1.weight"}),
-                      ("unknown", {**loaders, "typo.weight": loaders["fc1.weight"]}),
-                      ("shape", {**loaders, "fc1.weight": lambda: torch.zeros(3)}),
-                      ("chunk shape", {**loaders, "fc1.weight": lambda: [torch.zeros(half)] * 3})):
+    for name, bad in (
+        ("missing", {k: v for k, v in loaders.items() if k != "fc1.weight"}),
+        ("unknown", {**loaders, "typo.weight": loaders["fc1.weight"]}),
+        ("shape", {**loaders, "fc1.weight": lambda: torch.zeros(3)}),
+        ("chunk shape", {**loaders, "fc1.weight": lambda: [torch.zeros(half)] * 3}),
+    ):
         try:
             write_torch_dist(template, bad, Path(out) / name)
         except (KeyError, ValueError) as e:
@@ -201,21 +206,34 @@ def _write_tracked(out: str, hidden: int, experts: int, layers: int) -> dict:
 
     # Read back: every entry holds its loader's value, the object and the common value survive.
     target = _synthetic_template(hidden, experts, layers)
-    for key, value in list(target.items()):
+    for _key, value in list(target.items()):
         if hasattr(value, "data") and isinstance(value.data, torch.Tensor):
             value.data = torch.empty(value.data.shape)
     target["extra"].data = None
     loaded = dist_checkpointing.load(target, str(Path(out) / "ok"))
     wrong = [k for k in shapes if not torch.equal(loaded[k], torch.full(shapes[k], values[k]))]
-    return dict(peak=tracker.peak, live_after=tracker.live, largest=max(np.prod(s) * 4 for s in shapes.values()),
-                stats=stats, rss_growth=rss_growth, errors=errors, wrong=wrong,
-                extra=loaded["extra"], iteration=loaded["iteration"])
+    return dict(
+        peak=tracker.peak,
+        live_after=tracker.live,
+        largest=max(np.prod(s) * 4 for s in shapes.values()),
+        stats=stats,
+        rss_growth=rss_growth,
+        errors=errors,
+        wrong=wrong,
+        extra=loaded["extra"],
+        iteration=loaded["iteration"],
+    )
 
 
 def test_writer_holds_one_loaded_tensor_at_a_time(tmp_path):
     hidden, experts, layers = 1024, 8, 16  # entries of 16, 8, 8 x 2 and 16 x 4 MiB: 104 MiB
     r = run_distributed(_write_tracked, 1, args=(str(tmp_path), hidden, experts, layers), timeout_s=300)[0]
-    assert r["errors"] == {"missing": "KeyError", "unknown": "KeyError", "shape": "ValueError", "chunk shape": "ValueError"}
+    assert r["errors"] == {
+        "missing": "KeyError",
+        "unknown": "KeyError",
+        "shape": "ValueError",
+        "chunk shape": "ValueError",
+    }
     assert r["wrong"] == [] and r["extra"] == {"note": 1} and r["iteration"] == 7
     assert r["stats"].bytes == (16 + 8 + 2 * experts + 4 * layers) * 2**20
     assert r["stats"].loads == r["stats"].entries == 2 + experts + layers

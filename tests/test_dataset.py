@@ -59,16 +59,25 @@ def _write(prefix, samples, *, feature_dim, num_units=K, text_vocab_size=T):
     writer = AudioTextWriter(prefix, feature_dim=feature_dim)
     for tokens, mask, feats, _ in samples:
         writer.add(np.array(tokens), np.array(mask), feats)
-    writer.finalize({"task": "test", "mode": "features" if feature_dim else "units",
-                     "text_vocab_size": text_vocab_size, "num_units": num_units})
+    writer.finalize(
+        {
+            "task": "test",
+            "mode": "features" if feature_dim else "units",
+            "text_vocab_size": text_vocab_size,
+            "num_units": num_units,
+        }
+    )
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("audio_text")
     rng = np.random.default_rng(0)
-    sets = {"asr": [_asr(rng) for _ in range(80)], "tts": [_tts(rng) for _ in range(80)],
-            "text": [_text(rng) for _ in range(120)]}
+    sets = {
+        "asr": [_asr(rng) for _ in range(80)],
+        "tts": [_tts(rng) for _ in range(80)],
+        "text": [_text(rng) for _ in range(120)],
+    }
     sets["tts"][5] = (sets["tts"][5][0] + [EOS] * 80, sets["tts"][5][1] + [0] * 80, None, [])  # too long: skipped
     _write(root / "asr", sets["asr"], feature_dim=DIM)
     _write(root / "tts", sets["tts"], feature_dim=0)
@@ -184,16 +193,30 @@ def test_skipped_and_nothing_fits(data):
     assert train.skipped == 1 and valid.skipped == 0  # sample 5 (> SEQ + 1 tokens) is in the train split
     assert 5 not in train.order
     with pytest.raises(ConfigError, match=r"no sample fits sequence_length \+ 1 = 9 tokens"):
-        build_datasets(AudioTextDatasetConfig(
-            random_seed=1, sequence_length=8, blend=([data["tts"][0]], None), split="1,0,0",
-            text_vocab_size=T, num_units=K), [None, None, None])
+        build_datasets(
+            AudioTextDatasetConfig(
+                random_seed=1,
+                sequence_length=8,
+                blend=([data["tts"][0]], None),
+                split="1,0,0",
+                text_vocab_size=T,
+                num_units=K,
+            ),
+            [None, None, None],
+        )
 
 
 def test_empty_split_of_small_dataset(tmp_path):
     rng = np.random.default_rng(1)
     _write(tmp_path / "small", [_text(rng) for _ in range(4)], feature_dim=0)
-    config = AudioTextDatasetConfig(random_seed=1, sequence_length=SEQ, blend=([str(tmp_path / "small")], None),
-                                    split="98,1,1", text_vocab_size=T, num_units=K)
+    config = AudioTextDatasetConfig(
+        random_seed=1,
+        sequence_length=SEQ,
+        blend=([str(tmp_path / "small")], None),
+        split="98,1,1",
+        text_vocab_size=T,
+        num_units=K,
+    )
     train, valid, test = build_datasets(config, [None, None, None])
     assert len(train) == 1 and len(valid) == 0 and len(test) == 0
     with pytest.raises(ConfigError, match=r"small \(valid split\): 10 items requested but the split holds none"):
@@ -250,12 +273,15 @@ def test_deterministic_by_seed_and_identical_across_processes(data):
     assert run_distributed(_digest_on_rank, 2, args=(data,), timeout_s=120) == [first, first]
 
 
-@pytest.mark.parametrize("field,value,message", [
-    ("text_vocab_size", T + 1, rf"asr.json: text_vocab_size={T} but the model has text_vocab_size={T + 1}"),
-    ("num_units", K * 2, rf"asr.json: num_units={K} but the model has num_units={2 * K}"),
-    ("feature_dim", DIM * 2, rf"asr.json: feature_dim={DIM} but the model has audio_feature_dim={2 * DIM}"),
-    ("feature_dim", 0, rf"asr.json: feature_dim={DIM} but the model has audio_feature_dim=0"),
-])
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("text_vocab_size", T + 1, rf"asr.json: text_vocab_size={T} but the model has text_vocab_size={T + 1}"),
+        ("num_units", K * 2, rf"asr.json: num_units={K} but the model has num_units={2 * K}"),
+        ("feature_dim", DIM * 2, rf"asr.json: feature_dim={DIM} but the model has audio_feature_dim={2 * DIM}"),
+        ("feature_dim", 0, rf"asr.json: feature_dim={DIM} but the model has audio_feature_dim=0"),
+    ],
+)
 def test_header_mismatch_refused(data, field, value, message):
     kw = {"text_vocab_size": T, "num_units": K, "feature_dim": DIM, field: value}
     config = AudioTextDatasetConfig(
@@ -289,7 +315,6 @@ def test_data_loader_splits_micro_batches_over_dp(data):
     assert torch.equal(batches[1]["tokens"], torch.stack([train[6]["tokens"], train[7]["tokens"]]))
 
 
-
 def _packed_vs_alone(prefix, dense_mask):
     """Logits of a packed item and of each of its samples run alone through model.config.tiny()."""
     from megatron_most.model.config import tiny
@@ -300,7 +325,11 @@ def _packed_vs_alone(prefix, dense_mask):
     initialize(ParallelLayout(), num_experts=most.mamoe.num_experts)
     model = build_model(most, most.transformer_config()).eval()
     config = AudioTextDatasetConfig.for_model(
-        most, sequence_length=SEQ, random_seed=7, blend=([prefix], None), split="1,0,0",
+        most,
+        sequence_length=SEQ,
+        random_seed=7,
+        blend=([prefix], None),
+        split="1,0,0",
         create_attention_mask=dense_mask,
     )
     train = build_datasets(config, [None, None, None])[0]
@@ -309,8 +338,14 @@ def _packed_vs_alone(prefix, dense_mask):
     tokens = batch["tokens"]
     with torch.no_grad():
         mask = batch["attention_mask"] if dense_mask else None  # None: MoSTModel derives it from position_ids
-        packed = model(tokens, batch["position_ids"], mask, padding_mask=batch["padding_mask"],
-                       audio_features=batch["audio_features"], audio_lengths=batch["audio_lengths"])
+        packed = model(
+            tokens,
+            batch["position_ids"],
+            mask,
+            padding_mask=batch["padding_mask"],
+            audio_features=batch["audio_features"],
+            audio_lengths=batch["audio_lengths"],
+        )
         alone, start, frame = [], 0, 0
         for length in train.dataset.lengths[train.samples(idx)].tolist():
             ids = tokens[:, start : start + length]

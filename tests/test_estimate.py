@@ -75,9 +75,13 @@ def test_tiny_counts_match_hand_formulas_and_real_model(counted):
     assert est.active == est.total - expected["embedding"] - routed + routed * most.mamoe.topk // most.mamoe.num_experts
     # FLOPs: 6 x matmul weights per token + MLA scores (qk = nope + rope, v) over the sequence
     matmul = est.active - expected["norms"] - expected["audio_projection"]
-    attention = 6 * most.num_layers * most.num_attention_heads * (
-        most.qk_nope_head_dim + most.qk_rope_head_dim + most.v_head_dim
-    ) * most.seq_length
+    attention = (
+        6
+        * most.num_layers
+        * most.num_attention_heads
+        * (most.qk_nope_head_dim + most.qk_rope_head_dim + most.v_head_dim)
+        * most.seq_length
+    )
     assert est.flops_per_token == 6 * matmul + attention
     # one GPU, no sharding: 2 + 4 + 12 bytes per parameter
     (stage,) = est.stages
@@ -136,7 +140,7 @@ def test_per_rank_shards_match_a_real_multi_rank_model(counted):
     # (test_uneven_pipeline_split_follows_megatron).
     layout = dict(tp=2, ep=2, etp=1, sp=True)
     (stage,) = estimate(preset("tiny"), ParallelLayout(**layout), world_size=2, counts=counted["tiny"]).stages
-    for pp_rank, dense, expert in run_distributed(_rank_shards, 2, args=(layout,), timeout_s=300):
+    for _pp_rank, dense, expert in run_distributed(_rank_shards, 2, args=(layout,), timeout_s=300):
         assert (stage.dense_params_per_gpu, stage.expert_params_per_gpu) == (dense, expert)
 
 
@@ -153,15 +157,26 @@ def test_uneven_pipeline_split_follows_megatron():
 def _cli(*args):
     return subprocess.run(
         [sys.executable, str(ROOT / "tools" / "estimate.py"), *args],
-        capture_output=True, text=True, timeout=300, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
     )
 
 
 def test_cli_prints_table_for_most_preset():
     out = _cli("--preset", "deepseek_v2_lite_most", "--tp", "2", "--pp", "2", "--ep", "4")
     assert out.returncode == 0, out.stderr[-3000:]
-    for label in ("routed_experts", "active per token", "training FLOPs per token", "memory per GPU",
-                  "TP2 PP2 EP4 ETP2 on 16 GPUs", "15.710B", "0-13", "14-26"):
+    for label in (
+        "routed_experts",
+        "active per token",
+        "training FLOPs per token",
+        "memory per GPU",
+        "TP2 PP2 EP4 ETP2 on 16 GPUs",
+        "15.710B",
+        "0-13",
+        "14-26",
+    ):
         assert label in out.stdout, (label, out.stdout)
 
 

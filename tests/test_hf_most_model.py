@@ -32,10 +32,23 @@ def _most(masking: str):
     from megatron_most.moe import MAMoEConfig
 
     return MoSTConfig(
-        num_layers=3, hidden_size=64, num_attention_heads=4, text_vocab_size=256,
-        kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=24, rope_factor=40.0,
-        original_max_position_embeddings=256, max_position_embeddings=256 * 40, seq_length=SEQ,
-        first_k_dense=1, dense_ffn_size=128, moe_ffn_size=32, num_units=32, audio_feature_dim=16,
+        num_layers=3,
+        hidden_size=64,
+        num_attention_heads=4,
+        text_vocab_size=256,
+        kv_lora_rank=16,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=16,
+        v_head_dim=24,
+        rope_factor=40.0,
+        original_max_position_embeddings=256,
+        max_position_embeddings=256 * 40,
+        seq_length=SEQ,
+        first_k_dense=1,
+        dense_ffn_size=128,
+        moe_ffn_size=32,
+        num_units=32,
+        audio_feature_dim=16,
         mamoe=MAMoEConfig(num_experts=8, topk=2, shared_expert_size=2 * 32, masking=masking),
     )
 
@@ -190,8 +203,14 @@ def test_auto_model_from_pretrained_remote_code(megatron, tmp_path):
     new_tokens = 6
     with torch.no_grad():
         out = loaded.generate(
-            input_ids=prompt, audio_features=frames, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
-            eos_token_id=None, output_scores=True, return_dict_in_generate=True,
+            input_ids=prompt,
+            audio_features=frames,
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+            eos_token_id=None,
+            output_scores=True,
+            return_dict_in_generate=True,
         )
         seq, step_logits = prompt, []
         for _ in range(new_tokens):
@@ -199,8 +218,14 @@ def test_auto_model_from_pretrained_remote_code(megatron, tmp_path):
             step_logits.append(logits)
             seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], dim=1)
         other_frames = loaded.generate(
-            input_ids=prompt, audio_features=frames + 1.0, max_new_tokens=1, do_sample=False, pad_token_id=0,
-            eos_token_id=None, output_scores=True, return_dict_in_generate=True,
+            input_ids=prompt,
+            audio_features=frames + 1.0,
+            max_new_tokens=1,
+            do_sample=False,
+            pad_token_id=0,
+            eos_token_id=None,
+            output_scores=True,
+            return_dict_in_generate=True,
         )
     assert out.sequences.shape == (1, 16 + new_tokens)
     assert torch.equal(out.sequences, seq), (out.sequences, seq)

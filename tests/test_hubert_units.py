@@ -78,7 +78,7 @@ def test_plain_zero_padding_would_differ(hubert_dir, speech):
     model = HubertModel.from_pretrained(hubert_dir).eval()
     short, long = speech[4], speech[0]
     padded = torch.zeros(2, len(long))
-    padded[0, :len(short)] = torch.from_numpy(short)
+    padded[0, : len(short)] = torch.from_numpy(short)
     padded[1] = torch.from_numpy(long)
     with torch.no_grad():
         naive = model(padded).last_hidden_state[0, :1]
@@ -90,9 +90,17 @@ def test_layer_norm_model_and_small_batches(tmp_path, speech):
     from transformers import HubertConfig, HubertModel
 
     torch.manual_seed(1)
-    config = HubertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                          conv_dim=(16,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
-                          feat_extract_norm="layer", do_stable_layer_norm=True)
+    config = HubertConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        conv_dim=(16,) * 7,
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=4,
+        feat_extract_norm="layer",
+        do_stable_layer_norm=True,
+    )
     HubertModel(config).eval().save_pretrained(tmp_path)
     model = HubertModel.from_pretrained(tmp_path).eval()
     encoder = HubertEncoder(tmp_path, layer=None, max_batch_samples=60000)  # forces several batches
@@ -185,10 +193,31 @@ def test_fit_needs_k_frames():
 def test_train_units_tool_end_to_end(tmp_path, corpus, hubert_dir, speech):
     output = tmp_path / "codebook.safetensors"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "train_units.py"), "--input", str(corpus), "--hubert", str(hubert_dir),
-         "--layer", "2", "--k", "8", "--seed", "1", "--n-init", "1", "--device", "cpu",
-         "--output", str(output)],
-        capture_output=True, text=True, cwd=ROOT, timeout=120)
+        [
+            sys.executable,
+            str(ROOT / "tools" / "train_units.py"),
+            "--input",
+            str(corpus),
+            "--hubert",
+            str(hubert_dir),
+            "--layer",
+            "2",
+            "--k",
+            "8",
+            "--seed",
+            "1",
+            "--n-init",
+            "1",
+            "--device",
+            "cpu",
+            "--output",
+            str(output),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert (summary["k"], summary["dim"], summary["layer"], summary["utterances"]) == (8, 32, 2, 6)
@@ -212,8 +241,22 @@ def test_train_units_max_hours_budget(tmp_path, corpus, hubert_dir, capsys):
     spec.loader.exec_module(tool)
     bad = tmp_path / "bad.jsonl"
     bad.write_text(corpus.read_text() + '{"id": "x", "audio": "missing.wav", "text": "t"}\nnot json\n')
-    args = ["--input", str(bad), "--hubert", str(hubert_dir), "--layer", "2", "--k", "4", "--n-init", "1",
-            "--device", "cpu", "--output", str(tmp_path / "cb.safetensors")]
+    args = [
+        "--input",
+        str(bad),
+        "--hubert",
+        str(hubert_dir),
+        "--layer",
+        "2",
+        "--k",
+        "4",
+        "--n-init",
+        "1",
+        "--device",
+        "cpu",
+        "--output",
+        str(tmp_path / "cb.safetensors"),
+    ]
     assert tool.main(args + ["--max-hours", str(250 / 50 / 3600)]) == 0  # a budget of 250 frames
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["frames"] == 250 and summary["utterances"] < 6

@@ -59,7 +59,9 @@ def test_bad_values_and_unknown_fields():
 
 def test_megatron_version_pin():
     assert check_megatron_core() == "0.16.1"
-    with pytest.raises(MegatronVersionError, match=r"megatron-core==0.17.0 is installed.*pip install megatron-core==0.16.1"):
+    with pytest.raises(
+        MegatronVersionError, match=r"megatron-core==0.17.0 is installed.*pip install megatron-core==0.16.1"
+    ):
         check_megatron_core("0.17.0")
 
 

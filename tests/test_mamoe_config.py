@@ -229,10 +229,20 @@ def _layer_input_errors():
     initialize(ParallelLayout(), num_experts=8)
     mamoe = MAMoEConfig(num_experts=8, topk=2, shared_expert_size=16)
     config = TransformerConfig(
-        num_layers=1, hidden_size=HIDDEN, num_attention_heads=2, ffn_hidden_size=32, moe_ffn_hidden_size=8,
-        gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False, normalization="RMSNorm",
-        params_dtype=torch.float32, moe_layer_freq=1, hidden_dropout=0.0,
-        **mamoe.megatron_fields(), **fusion_settings(),
+        num_layers=1,
+        hidden_size=HIDDEN,
+        num_attention_heads=2,
+        ffn_hidden_size=32,
+        moe_ffn_hidden_size=8,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        normalization="RMSNorm",
+        params_dtype=torch.float32,
+        moe_layer_freq=1,
+        hidden_dropout=0.0,
+        **mamoe.megatron_fields(),
+        **fusion_settings(),
     )
     layer = build_module(mamoe_block_spec(config, mamoe).layer_specs[0].submodules.mlp, config=config, layer_number=1)
     h = torch.randn(SEQ, BATCH, HIDDEN)

@@ -29,10 +29,20 @@ def build_layer(mamoe, **config_overrides):
     from megatron_most.platform import fusion_settings
 
     config = TransformerConfig(
-        num_layers=1, hidden_size=HIDDEN, num_attention_heads=2, ffn_hidden_size=32, moe_ffn_hidden_size=8,
-        gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False, normalization="RMSNorm",
-        params_dtype=torch.float32, moe_layer_freq=1, hidden_dropout=0.0,
-        **mamoe.megatron_fields(), **{**fusion_settings(), **config_overrides},
+        num_layers=1,
+        hidden_size=HIDDEN,
+        num_attention_heads=2,
+        ffn_hidden_size=32,
+        moe_ffn_hidden_size=8,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        normalization="RMSNorm",
+        params_dtype=torch.float32,
+        moe_layer_freq=1,
+        hidden_dropout=0.0,
+        **mamoe.megatron_fields(),
+        **{**fusion_settings(), **config_overrides},
     )
     spec = mamoe_block_spec(config, mamoe)
     return build_module(spec.layer_specs[0].submodules.mlp, config=config, layer_number=1)
@@ -84,8 +94,15 @@ def _megatron_cases(cases):
     results = []
     for case in cases:
         torch.manual_seed(0)
-        mamoe = MAMoEConfig(num_experts=8, text_experts=GROUPS[0], audio_experts=GROUPS[1], topk=2,
-                            shared_expert_size=16, balance_coeff=0.01, **case)
+        mamoe = MAMoEConfig(
+            num_experts=8,
+            text_experts=GROUPS[0],
+            audio_experts=GROUPS[1],
+            topk=2,
+            shared_expert_size=16,
+            balance_coeff=0.01,
+            **case,
+        )
         layer = build_layer(mamoe)
         out, grads = run_layer(layer, *make_inputs())
         weights = {k: v for k, v in layer_weights(layer).items()}
@@ -110,7 +127,9 @@ def megatron_results():
     return run_distributed(_megatron_cases, 1, args=(CASES,))[0]
 
 
-@pytest.mark.parametrize("index", range(len(CASES)), ids=[f"{c['masking']}-{c['balance_loss']}-{c['variant']}" for c in CASES])
+@pytest.mark.parametrize(
+    "index", range(len(CASES)), ids=[f"{c['masking']}-{c['balance_loss']}-{c['variant']}" for c in CASES]
+)
 def test_layer_matches_plain_pytorch_reference(index, megatron_results):
     case = CASES[index]
     out, grads, weights, names = megatron_results[index]
@@ -123,8 +142,17 @@ def test_layer_matches_plain_pytorch_reference(index, megatron_results):
     if "shared" in weights:
         params["shared"] = tuple(w.clone().requires_grad_() for w in weights["shared"])
     expected, aux, idx = ref.mamoe_forward(
-        h, params, modality, padding, GROUPS, topk=2, masking=case["masking"], vanilla=case["variant"] == "vanilla",
-        shared=case["variant"] != "no_shared", coeff=0.01, per_group=case["balance_loss"] == "per_group",
+        h,
+        params,
+        modality,
+        padding,
+        GROUPS,
+        topk=2,
+        masking=case["masking"],
+        vanilla=case["variant"] == "vanilla",
+        shared=case["variant"] != "no_shared",
+        coeff=0.01,
+        per_group=case["balance_loss"] == "per_group",
     )
     ((expected * grad).sum() + aux).backward()
 
@@ -148,8 +176,7 @@ def test_layer_matches_plain_pytorch_reference(index, megatron_results):
 
 def _recompute_modes():
     from megatron_most.moe import stats
-    from megatron_most.platform import ParallelLayout, initialize
-    from megatron_most.platform import selfcheck
+    from megatron_most.platform import ParallelLayout, initialize, selfcheck
 
     initialize(ParallelLayout(), num_experts=selfcheck.NUM_EXPERTS)
     weights = None

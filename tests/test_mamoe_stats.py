@@ -63,12 +63,24 @@ def build_layer(mamoe, layer_number=1, num_layers=3, **overrides):
     from megatron_most.platform import fusion_settings
 
     config = TransformerConfig(
-        num_layers=num_layers, hidden_size=HIDDEN, num_attention_heads=2, ffn_hidden_size=32, moe_ffn_hidden_size=8,
-        gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False, normalization="RMSNorm",
-        params_dtype=torch.float32, moe_layer_freq=1, hidden_dropout=0.0,
-        **mamoe.megatron_fields(), **{**fusion_settings(), **overrides},
+        num_layers=num_layers,
+        hidden_size=HIDDEN,
+        num_attention_heads=2,
+        ffn_hidden_size=32,
+        moe_ffn_hidden_size=8,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        normalization="RMSNorm",
+        params_dtype=torch.float32,
+        moe_layer_freq=1,
+        hidden_dropout=0.0,
+        **mamoe.megatron_fields(),
+        **{**fusion_settings(), **overrides},
     )
-    layer = build_module(mamoe_block_spec(config, mamoe).layer_specs[0].submodules.mlp, config=config, layer_number=layer_number)
+    layer = build_module(
+        mamoe_block_spec(config, mamoe).layer_specs[0].submodules.mlp, config=config, layer_number=layer_number
+    )
     layer.set_layer_number(layer_number)  # what TransformerLayer does; the router logs per layer
     return layer
 
@@ -121,8 +133,15 @@ def _stats_body():
     results = {}
 
     def config(**kw):
-        return MAMoEConfig(num_experts=EXPERTS, text_experts=GROUPS[0], audio_experts=GROUPS[1], topk=TOPK,
-                           shared_expert_size=16, balance_coeff=0.01, **kw)
+        return MAMoEConfig(
+            num_experts=EXPERTS,
+            text_experts=GROUPS[0],
+            audio_experts=GROUPS[1],
+            topk=TOPK,
+            shared_expert_size=16,
+            balance_coeff=0.01,
+            **kw,
+        )
 
     # Forward only, two batches accumulated, for each masking rule and the vanilla variant.
     for name, kw in [(m, dict(masking=m)) for m in MASKINGS] + [("vanilla", dict(variant="vanilla"))]:
@@ -162,8 +181,11 @@ def _stats_body():
     # collect(): a 3-layer model whose layers 1 and 3 are MAMoE, layer 2 dense.
     torch.manual_seed(0)
     model = torch.nn.ModuleList(
-        [build_layer(config(), layer_number=1, num_layers=3), torch.nn.Linear(HIDDEN, HIDDEN),
-         build_layer(config(), layer_number=3, num_layers=3)]
+        [
+            build_layer(config(), layer_number=1, num_layers=3),
+            torch.nn.Linear(HIDDEN, HIDDEN),
+            build_layer(config(), layer_number=3, num_layers=3),
+        ]
     )
     forward(model[0], seed=0)
     forward(model[2], seed=2)

@@ -36,17 +36,21 @@ def test_speech_manifest_of_real_corpus(tmp_path):
     got = list(read_manifest(manifest, "speech"))
     assert [line for line, _ in got] == [1, 2, 3]
     for (_, sample), record in zip(got, expected):
-        assert sample == SpeechSample(id=record["id"], audio=record["audio"], text=record["text"],
-                                      speaker=record["speaker"], duration=None)
+        assert sample == SpeechSample(
+            id=record["id"], audio=record["audio"], text=record["text"], speaker=record["speaker"], duration=None
+        )
         assert Path(sample.audio).is_file()
 
 
 def test_speech_fields_and_relative_paths(tmp_path):
     (tmp_path / "sub").mkdir()
-    path = write(tmp_path / "sub" / "m.jsonl", [
-        {"id": "a", "audio": "wav/a.wav", "text": "hello", "speaker": "s1", "duration": 1.5},
-        {"id": 7, "audio": "/abs/b.flac", "text": "x", "speaker": "", "duration": 2},
-    ])
+    path = write(
+        tmp_path / "sub" / "m.jsonl",
+        [
+            {"id": "a", "audio": "wav/a.wav", "text": "hello", "speaker": "s1", "duration": 1.5},
+            {"id": 7, "audio": "/abs/b.flac", "text": "x", "speaker": "", "duration": 2},
+        ],
+    )
     got = read(path, "speech")
     assert got[1] == SpeechSample("a", str((tmp_path / "sub" / "wav" / "a.wav").resolve()), "hello", "s1", 1.5)
     assert got[2] == SpeechSample("7", "/abs/b.flac", "x", None, 2.0)
@@ -54,22 +58,25 @@ def test_speech_fields_and_relative_paths(tmp_path):
 
 def test_speech_bad_lines_are_rejected_one_by_one(tmp_path):
     good = {"id": "ok", "audio": "a.wav", "text": "fine"}
-    path = write(tmp_path / "m.jsonl", [
-        good,                                                       # 1
-        '{"id": "x", "audio": "a.wav", "text": ',                  # 2 truncated
-        "[1, 2]",                                                   # 3 not an object
-        {"id": "x", "text": "t"},                                   # 4 missing audio
-        {"id": "x", "audio": "a.wav", "text": "   "},              # 5 empty text
-        {"id": "x", "audio": "a.wav", "text": 5},                  # 6 wrong type
-        b'{"id": "x", "audio": "a.wav", "text": "caf\xe9"}',       # 7 latin-1 byte
-        {"audio": "a.wav", "text": "t"},                            # 8 missing id
-        {"id": "x", "audio": "a.wav", "text": "t", "duration": -1},  # 9 bad duration
-        {"id": "x", "audio": "a.wav", "text": "t", "duration": "3s"},  # 10
-        '{"id": "x", "audio": "a.wav", "text": "\\ud800"}',        # 11 lone surrogate
-        "",                                                         # 12 blank: skipped
-        {"id": "x", "audio": "", "text": "t"},                     # 13 empty audio
-        good,                                                       # 14
-    ])
+    path = write(
+        tmp_path / "m.jsonl",
+        [
+            good,  # 1
+            '{"id": "x", "audio": "a.wav", "text": ',  # 2 truncated
+            "[1, 2]",  # 3 not an object
+            {"id": "x", "text": "t"},  # 4 missing audio
+            {"id": "x", "audio": "a.wav", "text": "   "},  # 5 empty text
+            {"id": "x", "audio": "a.wav", "text": 5},  # 6 wrong type
+            b'{"id": "x", "audio": "a.wav", "text": "caf\xe9"}',  # 7 latin-1 byte
+            {"audio": "a.wav", "text": "t"},  # 8 missing id
+            {"id": "x", "audio": "a.wav", "text": "t", "duration": -1},  # 9 bad duration
+            {"id": "x", "audio": "a.wav", "text": "t", "duration": "3s"},  # 10
+            '{"id": "x", "audio": "a.wav", "text": "\\ud800"}',  # 11 lone surrogate
+            "",  # 12 blank: skipped
+            {"id": "x", "audio": "", "text": "t"},  # 13 empty audio
+            good,  # 14
+        ],
+    )
     got = read(path, "speech")
     assert 12 not in got
     assert isinstance(got[1], SpeechSample) and isinstance(got[14], SpeechSample)
@@ -105,45 +112,76 @@ def test_utf8_bom_on_first_line_is_accepted(tmp_path):
 
 
 def test_instruct_turn_forms(tmp_path):
-    path = write(tmp_path / "chat.jsonl", [
-        {"id": "c1", "messages": [
-            {"role": "system", "content": "be brief"},
-            {"role": "user", "audio": "q.wav"},
-            {"role": "assistant", "content": "yes"},
-            {"role": "user", "content": {"audio": "/abs/q2.wav"}},
-            {"role": "assistant", "audio": "a2.wav"},
-        ]},
-    ])
+    path = write(
+        tmp_path / "chat.jsonl",
+        [
+            {
+                "id": "c1",
+                "messages": [
+                    {"role": "system", "content": "be brief"},
+                    {"role": "user", "audio": "q.wav"},
+                    {"role": "assistant", "content": "yes"},
+                    {"role": "user", "content": {"audio": "/abs/q2.wav"}},
+                    {"role": "assistant", "audio": "a2.wav"},
+                ],
+            },
+        ],
+    )
     base = tmp_path.resolve()
-    assert read(path, "instruct")[1] == InstructSample("c1", (
-        Turn("system", text="be brief"), Turn("user", audio=str(base / "q.wav")), Turn("assistant", text="yes"),
-        Turn("user", audio="/abs/q2.wav"), Turn("assistant", audio=str(base / "a2.wav")),
-    ))
+    assert read(path, "instruct")[1] == InstructSample(
+        "c1",
+        (
+            Turn("system", text="be brief"),
+            Turn("user", audio=str(base / "q.wav")),
+            Turn("assistant", text="yes"),
+            Turn("user", audio="/abs/q2.wav"),
+            Turn("assistant", audio=str(base / "a2.wav")),
+        ),
+    )
 
 
-@pytest.mark.parametrize("messages, expected", [
-    (None, "missing field 'messages'"),
-    ("hi", "field 'messages' must be a list of chat turns, got string"),
-    ([], "no assistant turn"),
-    ([{"role": "user", "content": "q"}], "no assistant turn"),
-    ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}, {"role": "user", "content": "q"}],
-     "messages[2] is a user turn with no assistant reply"),
-    ([{"role": "assistant", "content": "a"}], "messages[0].role='assistant': expected 'user'"),
-    ([{"role": "user", "content": "q"}, {"role": "bot", "content": "a"}], "messages[1].role='bot'"),
-    ([{"role": "user"}, {"role": "assistant", "content": "a"}], "missing field 'messages[0].content'"),
-    ([{"role": "user", "content": ""}, {"role": "assistant", "content": "a"}], "empty field 'messages[0].content'"),
-    ([{"role": "user", "content": 3}, {"role": "assistant", "content": "a"}],
-     "field 'messages[0].content' must be a string, got int"),
-    (["q", {"role": "assistant", "content": "a"}], "messages[0] must be an object, got string"),
-    ([{"role": "user", "content": "q", "audio": "x.wav"}, {"role": "assistant", "content": "a"}],
-     "both 'content' text and 'audio'"),
-    ([{"role": "user", "content": {"audio": ""}}, {"role": "assistant", "content": "a"}],
-     "empty field 'messages[0].content.audio'"),
-    ([{"role": "user", "content": {"video": "v.mp4"}}, {"role": "assistant", "content": "a"}],
-     "an object content must be"),
-    ([{"role": "system", "audio": "s.wav"}, {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
-     "system turn must be text"),
-])
+@pytest.mark.parametrize(
+    "messages, expected",
+    [
+        (None, "missing field 'messages'"),
+        ("hi", "field 'messages' must be a list of chat turns, got string"),
+        ([], "no assistant turn"),
+        ([{"role": "user", "content": "q"}], "no assistant turn"),
+        (
+            [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}, {"role": "user", "content": "q"}],
+            "messages[2] is a user turn with no assistant reply",
+        ),
+        ([{"role": "assistant", "content": "a"}], "messages[0].role='assistant': expected 'user'"),
+        ([{"role": "user", "content": "q"}, {"role": "bot", "content": "a"}], "messages[1].role='bot'"),
+        ([{"role": "user"}, {"role": "assistant", "content": "a"}], "missing field 'messages[0].content'"),
+        ([{"role": "user", "content": ""}, {"role": "assistant", "content": "a"}], "empty field 'messages[0].content'"),
+        (
+            [{"role": "user", "content": 3}, {"role": "assistant", "content": "a"}],
+            "field 'messages[0].content' must be a string, got int",
+        ),
+        (["q", {"role": "assistant", "content": "a"}], "messages[0] must be an object, got string"),
+        (
+            [{"role": "user", "content": "q", "audio": "x.wav"}, {"role": "assistant", "content": "a"}],
+            "both 'content' text and 'audio'",
+        ),
+        (
+            [{"role": "user", "content": {"audio": ""}}, {"role": "assistant", "content": "a"}],
+            "empty field 'messages[0].content.audio'",
+        ),
+        (
+            [{"role": "user", "content": {"video": "v.mp4"}}, {"role": "assistant", "content": "a"}],
+            "an object content must be",
+        ),
+        (
+            [
+                {"role": "system", "audio": "s.wav"},
+                {"role": "user", "content": "q"},
+                {"role": "assistant", "content": "a"},
+            ],
+            "system turn must be text",
+        ),
+    ],
+)
 def test_instruct_rejects(tmp_path, messages, expected):
     record = {"id": "c"} if messages is None else {"id": "c", "messages": messages}
     got = read(write(tmp_path / "chat.jsonl", [record]), "instruct")
@@ -166,6 +204,9 @@ def test_rejects_writer_logs_and_counts(tmp_path):
             if isinstance(result, Rejected):
                 writer.write(str(path), line, None, result)
     records = [json.loads(line) for line in log.read_text().splitlines()]
-    assert [(r["line"], r["source"], r["id"]) for r in records] == [(1, str(path), None), (2, str(path), None),
-                                                                     (4, str(path), None)]
+    assert [(r["line"], r["source"], r["id"]) for r in records] == [
+        (1, str(path), None),
+        (2, str(path), None),
+        (4, str(path), None),
+    ]
     assert writer.summary()["empty field 'text'"] == 2 and writer.total == 3

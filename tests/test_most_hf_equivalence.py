@@ -22,13 +22,23 @@ def tiny_text_config():
     from megatron_most.moe import MAMoEConfig
 
     return MoSTConfig(
-        num_layers=3, hidden_size=64, num_attention_heads=4, text_vocab_size=256,
-        kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=16,
+        num_layers=3,
+        hidden_size=64,
+        num_attention_heads=4,
+        text_vocab_size=256,
+        kv_lora_rank=16,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=16,
         v_head_dim=24,  # != hidden / heads: the value width must come from v_head_dim, not kv_channels
         rope_factor=40.0,
         original_max_position_embeddings=256,  # rope dim 16 / base 1e4 -> YaRN ramp over dims 0..4 of 8
-        max_position_embeddings=256 * 40, seq_length=SEQ,
-        first_k_dense=1, dense_ffn_size=128, moe_ffn_size=32, num_units=0, audio_feature_dim=0,
+        max_position_embeddings=256 * 40,
+        seq_length=SEQ,
+        first_k_dense=1,
+        dense_ffn_size=128,
+        moe_ffn_size=32,
+        num_units=0,
+        audio_feature_dim=0,
         mamoe=MAMoEConfig(num_experts=8, topk=2, shared_expert_size=2 * 32, variant="vanilla"),
     )
 

@@ -48,7 +48,11 @@ def _paths():
                     frame += 1
         modality = ((ids >= 258) & (ids < 291)).long()
         reference_logits = GPTModel.forward(
-            model, ids, positions, None, decoder_input=reference.transpose(0, 1).contiguous(),
+            model,
+            ids,
+            positions,
+            None,
+            decoder_input=reference.transpose(0, 1).contiguous(),
             padding_mask=pack_routing_info(modality),
         )
     return embedded.transpose(0, 1), reference, logits, reference_logits, model.tokens.modality(ids), modality
@@ -99,7 +103,9 @@ def test_batch_validation_names_sample_and_field():
     layout = TokenLayout(TEXT, 32)
     ids, _ = batch()
     layout.validate(ids, max_length=24, feature_spans=torch.tensor([5, 2]))
-    with pytest.raises(ValueError, match=r"sample 0 audio span 1 \(positions 12..15\): 2 <feat> placeholders but audio_lengths gives 3"):
+    with pytest.raises(
+        ValueError, match=r"sample 0 audio span 1 \(positions 12..15\): 2 <feat> placeholders but audio_lengths gives 3"
+    ):
         layout.validate(ids, 24, torch.tensor([5, 3]))
     with pytest.raises(ValueError, match=r"exceeds the configured seq_length 16"):
         layout.validate(ids, 16, torch.tensor([5, 2]))

@@ -24,7 +24,9 @@ def reference_dir(tmp_path_factory) -> Path:
 
 
 def _check(layout: dict, workdir: str, dist_opt: bool, kind: str = "moe"):
-    return selfcheck.check(ParallelLayout(**layout), steps=3, dist_opt=dist_opt, kind=kind, workdir=workdir, timeout_s=300)
+    return selfcheck.check(
+        ParallelLayout(**layout), steps=3, dist_opt=dist_opt, kind=kind, workdir=workdir, timeout_s=300
+    )
 
 
 def _assert_agrees(figures: dict, kind: str = "moe"):

@@ -22,8 +22,7 @@ import torch
 
 from megatron_most.data import indexed
 from megatron_most.data.indexed import DatasetFormatError, open_audio_text
-from megatron_most.data.preprocess import (TOKENIZER_FILES, PreprocessOptions, _sha256, make_plan, preprocess,
-                                           shard_done)
+from megatron_most.data.preprocess import TOKENIZER_FILES, PreprocessOptions, _sha256, make_plan, preprocess, shard_done
 from megatron_most.options import ConfigError
 from tests import speech
 
@@ -45,8 +44,17 @@ def env(tmp_path_factory):
 
     codebook = fit_codebook([f[LAYER] for f in feats], k=12, n_init=1, max_iter=20, layer=LAYER)
     codebook.save(root / "codebook.safetensors")
-    return dict(root=root, manifest=manifest, lines=lines, hubert=hubert, sp=sp_model, waves=waves, feats=feats,
-                codebook=root / "codebook.safetensors", centroids=UnitCodebook.load(root / "codebook.safetensors"))
+    return dict(
+        root=root,
+        manifest=manifest,
+        lines=lines,
+        hubert=hubert,
+        sp=sp_model,
+        waves=waves,
+        feats=feats,
+        codebook=root / "codebook.safetensors",
+        centroids=UnitCodebook.load(root / "codebook.safetensors"),
+    )
 
 
 def _reference_waves(paths):
@@ -86,8 +94,16 @@ def _reference_asr(sp, text, audio_tokens):
 
 
 def _opts(env, prefix, **kw):
-    base = dict(inputs=(str(env["manifest"]),), task="asr", output_prefix=str(prefix), tokenizer=str(env["sp"]),
-                hubert=str(env["hubert"]), units=str(env["codebook"]), shard_size=3, progress=False)
+    base = dict(
+        inputs=(str(env["manifest"]),),
+        task="asr",
+        output_prefix=str(prefix),
+        tokenizer=str(env["sp"]),
+        hubert=str(env["hubert"]),
+        units=str(env["codebook"]),
+        shard_size=3,
+        progress=False,
+    )
     return PreprocessOptions(**{**base, **kw})
 
 
@@ -98,8 +114,10 @@ def _read(prefix):
     tokens, mask = IndexedDataset(str(prefix)), IndexedDataset(f"{prefix}_loss_mask")
     feats = IndexedDataset(f"{prefix}_features") if Path(f"{prefix}_features.idx").exists() else None
     # copies: the arrays are views of mmaps that close with their IndexedDataset
-    return [(tokens[i].tolist(), mask[i].tolist(), None if feats is None else np.array(feats[i]))
-            for i in range(len(tokens))]
+    return [
+        (tokens[i].tolist(), mask[i].tolist(), None if feats is None else np.array(feats[i]))
+        for i in range(len(tokens))
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -159,16 +177,21 @@ def test_tts_and_text_lm(env, tmp_path):
     samples = _read(tmp_path / "tts")
     for i in (0, 5):
         text = json.loads(env["lines"][i])["text"]
-        prompt = [sp.bos_id(), *sp.encode("Convert the following text into speech.\n\n" + text), sp.eos_id(),
-                  *sp.encode("\n\nOutput: ")]
+        prompt = [
+            sp.bos_id(),
+            *sp.encode("Convert the following text into speech.\n\n" + text),
+            sp.eos_id(),
+            *sp.encode("\n\nOutput: "),
+        ]
         units = _reference_units(env["feats"][i][LAYER], centroids)
         response = [sp.bos_id(), T, *(T + 3 + u for u in units), T + 1, sp.eos_id()]  # units are targets
         assert samples[i][0] == prompt + response
         assert samples[i][1] == [0] * len(prompt) + [1] * len(response)
 
     corpus = speech.make_text_corpus(tmp_path / "text.jsonl", n=5)
-    header = preprocess(_opts(env, tmp_path / "lm", task="lm", inputs=(str(corpus),), hubert=None, units=None),
-                        log=lambda *_: None)
+    header = preprocess(
+        _opts(env, tmp_path / "lm", task="lm", inputs=(str(corpus),), hubert=None, units=None), log=lambda *_: None
+    )
     assert header["samples"] == 5 and header["audio_seconds"] == 0 and header["num_units"] == 0
     for (tokens, mask, _), line in zip(_read(tmp_path / "lm"), corpus.read_text().splitlines()):
         assert tokens == [sp.bos_id(), *sp.encode(json.loads(line)["text"]), sp.eos_id()]
@@ -207,7 +230,7 @@ def _bad_corpus(env, directory: Path) -> tuple[Path, dict]:
         lines.append(line.encode())
         if i < len(bad):
             lines.append(bad[i][0])
-    lines += [b for b, _ in bad[len(good):]]
+    lines += [b for b, _ in bad[len(good) :]]
     manifest = directory / "manifest.jsonl"
     manifest.write_bytes(b"\n".join(lines) + b"\n")
     return manifest, {reason: 1 for _, reason in bad}
@@ -216,8 +239,9 @@ def _bad_corpus(env, directory: Path) -> tuple[Path, dict]:
 def test_bad_inputs_are_rejected_and_good_ones_packed(env, units_run, tmp_path):
     manifest, expected = _bad_corpus(env, tmp_path / "bad")
     log = []
-    header = preprocess(_opts(env, tmp_path / "out", inputs=(str(manifest),), max_seconds=4.0, shard_size=4),
-                        log=log.append)
+    header = preprocess(
+        _opts(env, tmp_path / "out", inputs=(str(manifest),), max_seconds=4.0, shard_size=4), log=log.append
+    )
     assert header["samples"] == 8 and header["rejected"] == 10
     assert header["rejected_by_reason"] == expected
     assert "rejected 10" in log[-1] and "audio too long: 1" in log[-1]
@@ -237,11 +261,28 @@ def test_interrupted_run_resumes_only_unfinished_shards(env, units_run, tmp_path
     manifest = tmp_path / "manifest.jsonl"
     manifest.write_text("\n".join(env["lines"] * 4) + "\n", encoding="utf-8")  # 32 lines -> 16 shards of 2
     prefix, shards = tmp_path / "out", Path(f"{tmp_path / 'out'}.shards")
-    cmd = [sys.executable, str(ROOT / "tools" / "preprocess_audio_text.py"), "--input", str(manifest), "--task", "asr",
-           "--output-prefix", str(prefix), "--tokenizer", str(env["sp"]), "--hubert", str(env["hubert"]),
-           "--units", str(env["codebook"]), "--workers", "2", "--shard-size", "2", "--no-progress"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    cmd = [
+        sys.executable,
+        str(ROOT / "tools" / "preprocess_audio_text.py"),
+        "--input",
+        str(manifest),
+        "--task",
+        "asr",
+        "--output-prefix",
+        str(prefix),
+        "--tokenizer",
+        str(env["sp"]),
+        "--hubert",
+        str(env["hubert"]),
+        "--units",
+        str(env["codebook"]),
+        "--workers",
+        "2",
+        "--shard-size",
+        "2",
+        "--no-progress",
+    ]
+    proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120
         while not _done_markers(shards) and proc.poll() is None and time.monotonic() < deadline:
@@ -249,16 +290,18 @@ def test_interrupted_run_resumes_only_unfinished_shards(env, units_run, tmp_path
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the tool and its workers: a preempted machine
         proc.wait()
-    done = {name: mtime for name, mtime in _done_markers(shards).items()
-            if indexed.header_path(shards / name[:-5]).exists()}
+    done = {
+        name: mtime for name, mtime in _done_markers(shards).items() if indexed.header_path(shards / name[:-5]).exists()
+    }
     assert 0 < len(done) < 16, f"kill came too late or too early: {len(done)} of 16 shards done"
 
     with pytest.raises(ConfigError, match="other settings.*mode"):  # resuming with other settings is refused
         preprocess(_opts(env, prefix, inputs=(str(manifest),), shard_size=2, mode="features"))
     with pytest.raises(ConfigError, match="other settings.*max_seconds: was 60.0, now 30.0"):
         preprocess(_opts(env, prefix, inputs=(str(manifest),), shard_size=2, max_seconds=30.0))
-    header = preprocess(_opts(env, prefix, inputs=(str(manifest),), shard_size=2, keep_shards=True),
-                        log=lambda *_: None)
+    header = preprocess(
+        _opts(env, prefix, inputs=(str(manifest),), shard_size=2, keep_shards=True), log=lambda *_: None
+    )
     assert header["shards_resumed"] == len(done) and header["shards_packed"] == 16 - len(done)
     after = _done_markers(shards)
     assert len(after) == 16 and all(after[name] == mtime for name, mtime in done.items())
@@ -378,6 +421,7 @@ def _instruct_manifest(env, path: Path) -> Path:
 
 def _reference_chat(sp, user, reply):
     """One user/assistant pair in the release template; user/reply are text or a list of audio token ids."""
+
     def run(text_before, value, text_after=""):
         if isinstance(value, str):
             return sp.encode(text_before + value + text_after)
@@ -394,14 +438,19 @@ def test_instruct_features_units_and_text_only(env, tmp_path):
     sp = spm.SentencePieceProcessor(model_file=str(env["sp"]))
     T = sp.get_piece_size()
     manifest = _instruct_manifest(env, tmp_path / "chat.jsonl")
-    units = [T, *(T + 3 + u for u in _reference_units(env["feats"][0][LAYER], env["centroids"].centroids.numpy())),
-             T + 1]
+    units = [
+        T,
+        *(T + 3 + u for u in _reference_units(env["feats"][0][LAYER], env["centroids"].centroids.numpy())),
+        T + 1,
+    ]
     frames = env["feats"][0][-1]  # [frames, 32] last layer
     text_pair = _reference_chat(sp, USER_TEXT, REPLY)
 
     # features without a codebook: the spoken reply is rejected with its reason (no crash)
-    header = preprocess(_opts(env, tmp_path / "f", task="instruct", inputs=(str(manifest),), mode="features",
-                              units=None), log=lambda *_: None)
+    header = preprocess(
+        _opts(env, tmp_path / "f", task="instruct", inputs=(str(manifest),), mode="features", units=None),
+        log=lambda *_: None,
+    )
     assert header["samples"] == 2 and header["rejected_by_reason"] == {"spoken reply needs --units": 1}
     (t0, m0, f0), (t1, m1, _) = _read(tmp_path / "f")
     assert (t0, m0) == _reference_chat(sp, [T, *[T + 2] * len(frames), T + 1], REPLY)
@@ -415,21 +464,42 @@ def test_instruct_features_units_and_text_only(env, tmp_path):
     assert samples == [_reference_chat(sp, units, REPLY), text_pair, _reference_chat(sp, USER_TEXT, units)]
 
     # text-only instruct data: no --hubert / --units needed; audio samples rejected, not the run
-    header = preprocess(_opts(env, tmp_path / "t", task="instruct", inputs=(str(manifest),), hubert=None,
-                              units=None, max_tokens=len(text_pair[0])), log=lambda *_: None)
+    header = preprocess(
+        _opts(
+            env,
+            tmp_path / "t",
+            task="instruct",
+            inputs=(str(manifest),),
+            hubert=None,
+            units=None,
+            max_tokens=len(text_pair[0]),
+        ),
+        log=lambda *_: None,
+    )
     assert header["samples"] == 1 and header["rejected_by_reason"] == {"audio needs --hubert": 2}
     assert [(t, m) for t, m, _ in _read(tmp_path / "t")] == [text_pair]
     with pytest.raises(ConfigError, match="units=None with task='tts'.*--units"):
         _opts(env, tmp_path / "x", task="tts", units=None)
 
     # over-long non-lm samples are rejected, counted by kind
-    header = preprocess(_opts(env, tmp_path / "long", task="instruct", inputs=(str(manifest),), hubert=None,
-                              units=None, max_tokens=len(text_pair[0]) - 1), log=lambda *_: None)
+    header = preprocess(
+        _opts(
+            env,
+            tmp_path / "long",
+            task="instruct",
+            inputs=(str(manifest),),
+            hubert=None,
+            units=None,
+            max_tokens=len(text_pair[0]) - 1,
+        ),
+        log=lambda *_: None,
+    )
     assert header["samples"] == 0 and header["rejected_by_reason"] == {"audio needs --hubert": 2, "too long": 1}
     rejects = [json.loads(line) for line in Path(f"{tmp_path / 'long'}.rejects.jsonl").read_text().splitlines()]
     too_long = [r for r in rejects if r["reason"].startswith("too long")]
     assert [(r["id"], r["reason"]) for r in too_long] == [
-        ("chat1", f"too long: {len(text_pair[0])} tokens > {len(text_pair[0]) - 1} (max_tokens)")]
+        ("chat1", f"too long: {len(text_pair[0])} tokens > {len(text_pair[0]) - 1} (max_tokens)")
+    ]
 
 
 def test_lm_documents_split_at_max_tokens(env, tmp_path):
@@ -441,12 +511,14 @@ def test_lm_documents_split_at_max_tokens(env, tmp_path):
     docs = [[sp.bos_id(), *sp.encode(text), sp.eos_id()] for text in texts]
     limit = 9
     log = []
-    header = preprocess(_opts(env, tmp_path / "lm", task="lm", inputs=(str(corpus),), hubert=None, units=None,
-                              max_tokens=limit), log=log.append)
+    header = preprocess(
+        _opts(env, tmp_path / "lm", task="lm", inputs=(str(corpus),), hubert=None, units=None, max_tokens=limit),
+        log=log.append,
+    )
     expected = []
     for doc in docs:  # consecutive pieces of <= limit tokens; each piece's first token is not a target
         for start in range(0, len(doc), limit):
-            piece = doc[start:start + limit]
+            piece = doc[start : start + limit]
             expected.append((piece, [0] + [1] * (len(piece) - 1)))
     assert [(t, m) for t, m, _ in _read(tmp_path / "lm")] == expected
     split = sum(len(d) > limit for d in docs)
@@ -481,17 +553,30 @@ def test_short_clip_for_a_larger_receptive_field_is_rejected(env, tmp_path):
     from transformers import HubertConfig, HubertModel
 
     torch.manual_seed(0)
-    config = HubertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                          conv_dim=(32,) * 8, conv_kernel=(10, 3, 3, 3, 3, 2, 2, 2),
-                          conv_stride=(5, 2, 2, 2, 2, 2, 2, 2),
-                          num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, feat_extract_norm="group")
+    config = HubertConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        conv_dim=(32,) * 8,
+        conv_kernel=(10, 3, 3, 3, 3, 2, 2, 2),
+        conv_stride=(5, 2, 2, 2, 2, 2, 2, 2),
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=4,
+        feat_extract_norm="group",
+    )
     HubertModel(config).eval().save_pretrained(tmp_path / "hubert")
     sf.write(tmp_path / "short.wav", 0.1 * np.sin(np.arange(600) / 5).astype(np.float32), 16000)
     manifest = tmp_path / "m.jsonl"
-    manifest.write_text(env["lines"][0] + "\n" + json.dumps({"id": "s", "audio": str(tmp_path / "short.wav"),
-                                                               "text": "hi"}) + "\n")
-    header = preprocess(_opts(env, tmp_path / "out", inputs=(str(manifest),), hubert=str(tmp_path / "hubert"),
-                              mode="features", units=None), log=lambda *_: None)
+    manifest.write_text(
+        env["lines"][0] + "\n" + json.dumps({"id": "s", "audio": str(tmp_path / "short.wav"), "text": "hi"}) + "\n"
+    )
+    header = preprocess(
+        _opts(
+            env, tmp_path / "out", inputs=(str(manifest),), hubert=str(tmp_path / "hubert"), mode="features", units=None
+        ),
+        log=lambda *_: None,
+    )
     assert header["samples"] == 1 and header["rejected_by_reason"] == {"audio too short": 1}
 
 

@@ -51,7 +51,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     h2m = sub.add_parser(
-        "hf-to-megatron", help="HF DeepSeek-V2 safetensors -> MoST torch_dist checkpoint",
+        "hf-to-megatron",
+        help="HF DeepSeek-V2 safetensors -> MoST torch_dist checkpoint",
         description="HF DeepSeek-V2 safetensors -> MoST torch_dist checkpoint. The checkpoint reshards on load: it "
         "loads at any TP/PP/EP/ETP layout that divides the model. --tp/--pp/--ep/--etp name the layout it is made "
         "for: checked against config.json before anything is read or written, used by --verify, and recorded in "
@@ -61,24 +62,37 @@ def main(argv=None) -> int:
     h2m.add_argument("--out", required=True, help="output checkpoint directory (must not exist or be empty)")
     h2m.add_argument("--preset", required=True, help="MoSTConfig preset giving MAMoE groups and audio paths")
     h2m.add_argument("--seed", type=int, default=0, help="seed of the newly initialised tensors")
-    h2m.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), help="checkpoint dtype (default: the HF checkpoint's)")
+    h2m.add_argument(
+        "--dtype", choices=("fp32", "bf16", "fp16"), help="checkpoint dtype (default: the HF checkpoint's)"
+    )
     h2m.add_argument("--tp", type=int, default=1, help="target tensor-parallel size (default 1)")
     h2m.add_argument("--pp", type=int, default=1, help="target pipeline-parallel size (default 1)")
     h2m.add_argument("--ep", type=int, default=1, help="target expert-parallel size (default 1)")
     h2m.add_argument("--etp", type=int, default=None, help="target expert tensor-parallel size (default: --tp)")
-    h2m.add_argument("--sp", action=argparse.BooleanOptionalAction, default=None,
-                     help="sequence parallelism in the target layout (default: on when --tp > 1)")
-    h2m.add_argument("--verify", action="store_true",
-                     help="compare logits of the source and converted models, the converted one run at the target "
-                     "layout (gloo processes on this machine unless 1x1x1); FAIL exits 1 and writes nothing")
+    h2m.add_argument(
+        "--sp",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="sequence parallelism in the target layout (default: on when --tp > 1)",
+    )
+    h2m.add_argument(
+        "--verify",
+        action="store_true",
+        help="compare logits of the source and converted models, the converted one run at the target "
+        "layout (gloo processes on this machine unless 1x1x1); FAIL exits 1 and writes nothing",
+    )
     m2h = sub.add_parser("megatron-to-hf", help="MoST torch_dist checkpoint -> Hugging Face checkpoint")
     m2h.add_argument("--megatron", required=True, help="torch_dist checkpoint directory (with most_config.json)")
     m2h.add_argument("--out", required=True, help="output HF directory (must not exist or be empty)")
     m2h.add_argument("--tokenizer", help="directory whose tokenizer files are copied into --out (and give bos/eos ids)")
     m2h.add_argument("--bos-id", type=int, help="bos_token_id when --tokenizer does not give one (default 100000)")
     m2h.add_argument("--eos-id", type=int, help="eos_token_id when --tokenizer does not give one (default 100001)")
-    m2h.add_argument("--format", default="auto", choices=("auto", "deepseek_v2", "most"),
-                     help="deepseek_v2 (text-only vanilla models), most (remote code), auto (default: plain when it fits)")
+    m2h.add_argument(
+        "--format",
+        default="auto",
+        choices=("auto", "deepseek_v2", "most"),
+        help="deepseek_v2 (text-only vanilla models), most (remote code), auto (default: plain when it fits)",
+    )
     m2h.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     m2h.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), help="HF tensor dtype (default: as stored)")
     m2h.add_argument("--verify", action="store_true", help="compare logits of the source and exported models")
@@ -96,15 +110,26 @@ def main(argv=None) -> int:
         if args.command == "megatron-to-hf":
             from megatron_most.convert.megatron_to_hf import export
 
-            export(args.megatron, args.out, tokenizer=args.tokenizer, max_shard_size=args.max_shard_size, dtype=dtype,
-                   fmt=args.format, bos_token_id=args.bos_id, eos_token_id=args.eos_id, verify=args.verify)
+            export(
+                args.megatron,
+                args.out,
+                tokenizer=args.tokenizer,
+                max_shard_size=args.max_shard_size,
+                dtype=dtype,
+                fmt=args.format,
+                bos_token_id=args.bos_id,
+                eos_token_id=args.eos_id,
+                verify=args.verify,
+            )
         else:
             from megatron_most.convert.hf_to_megatron import convert
             from megatron_most.model.config import preset
 
             sp = args.tp > 1 if args.sp is None else args.sp
             layout = ParallelLayout(tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp, sp=sp)
-            convert(args.hf, args.out, preset(args.preset), seed=args.seed, dtype=dtype, layout=layout, verify=args.verify)
+            convert(
+                args.hf, args.out, preset(args.preset), seed=args.seed, dtype=dtype, layout=layout, verify=args.verify
+            )
     except VerifyError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -23,9 +23,20 @@ def parse_args(argv=None):
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
     p.add_argument("--ep", type=int, default=1, help="expert-parallel size")
     p.add_argument("--etp", type=int, default=None, help="expert tensor-parallel size (default: --tp)")
-    p.add_argument("--gpus", "--world-size", dest="gpus", type=int, default=None,
-                   help="number of GPUs (default: the smallest that fits, lcm(tp*pp, etp*ep*pp))")
-    p.add_argument("--seq-len", type=int, default=None, help="sequence length for attention FLOPs (default: the preset's seq_length)")
+    p.add_argument(
+        "--gpus",
+        "--world-size",
+        dest="gpus",
+        type=int,
+        default=None,
+        help="number of GPUs (default: the smallest that fits, lcm(tp*pp, etp*ep*pp))",
+    )
+    p.add_argument(
+        "--seq-len",
+        type=int,
+        default=None,
+        help="sequence length for attention FLOPs (default: the preset's seq_length)",
+    )
     p.add_argument("--micro-batch", type=int, default=1, help="micro-batch size (sequences) for FLOPs per micro-batch")
     p.add_argument("--first-stage-layers", type=int, default=None, help="Megatron's num_layers_in_first_pipeline_stage")
     p.add_argument("--last-stage-layers", type=int, default=None, help="Megatron's num_layers_in_last_pipeline_stage")
@@ -42,9 +53,14 @@ def main(argv=None) -> int:
         # MoE with TP needs sequence parallelism in Megatron-Core; SP changes no parameter.
         layout = ParallelLayout(tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp, sp=args.tp > 1)
         result = estimate(
-            preset(args.preset), layout, name=args.preset, world_size=args.gpus, seq_len=args.seq_len,
+            preset(args.preset),
+            layout,
+            name=args.preset,
+            world_size=args.gpus,
+            seq_len=args.seq_len,
             micro_batch=args.micro_batch,
-            first_stage_layers=args.first_stage_layers, last_stage_layers=args.last_stage_layers,
+            first_stage_layers=args.first_stage_layers,
+            last_stage_layers=args.last_stage_layers,
         )
     except ConfigError as err:
         print(f"estimate.py: error: {err}", file=sys.stderr)

@@ -27,8 +27,10 @@ def main(argv=None) -> int:
     except (ConfigError, DatasetFormatError) as err:
         print(f"merge_datasets.py: error: {err}", file=sys.stderr)
         return 2
-    print(f"merged {len(args.input)} datasets into {args.output}: {header['samples']} samples, "
-          f"{header['tokens']} tokens, {header['audio_seconds'] / 3600:.3f} audio hours, tasks {header['task']}")
+    print(
+        f"merged {len(args.input)} datasets into {args.output}: {header['samples']} samples, "
+        f"{header['tokens']} tokens, {header['audio_seconds'] / 3600:.3f} audio hours, tasks {header['task']}"
+    )
     return 0
 
 

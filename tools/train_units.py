@@ -33,8 +33,12 @@ def parse_args(argv=None):
     p.add_argument("--max-hours", type=float, default=None, help="audio used for the fit (default: all)")
     p.add_argument("--seed", type=int, default=0, help="utterance shuffle and k-means seed")
     p.add_argument("--batch-size", type=int, default=10000, help="MiniBatchKMeans batch size (frames)")
-    p.add_argument("--max-frames", type=int, default=2_000_000,
-                   help="frames kept for the fit (seeded reservoir sample; bounds memory; default 2,000,000)")
+    p.add_argument(
+        "--max-frames",
+        type=int,
+        default=2_000_000,
+        help="frames kept for the fit (seeded reservoir sample; bounds memory; default 2,000,000)",
+    )
     p.add_argument("--n-init", type=int, default=20, help="k-means++ initialisations (best inertia kept)")
     p.add_argument("--max-iter", type=int, default=100, help="MiniBatchKMeans passes over the frames")
     p.add_argument("--audio-batch", type=int, default=32, help="utterances per audio decode / HuBERT batch")
@@ -67,11 +71,15 @@ def train(args) -> dict:
     if args.max_hours is not None and args.max_hours <= 0:
         raise ConfigError(f"--max-hours={args.max_hours}: must be > 0 (or omitted for all audio)")
     if args.max_frames < args.k:
-        raise ConfigError(f"--max-frames={args.max_frames}: must be >= --k={args.k} (k-means needs a frame per "
-                          "centroid); e.g. 2000000")
+        raise ConfigError(
+            f"--max-frames={args.max_frames}: must be >= --k={args.k} (k-means needs a frame per "
+            "centroid); e.g. 2000000"
+        )
     if not (Path(args.hubert) / "config.json").is_file():
-        raise ConfigError(f"--hubert={args.hubert!r}: no config.json there; pass a transformers HubertModel "
-                          "directory (save_pretrained output)")
+        raise ConfigError(
+            f"--hubert={args.hubert!r}: no config.json there; pass a transformers HubertModel "
+            "directory (save_pretrained output)"
+        )
     device = choose_device(args.device, field="--device")
     rejects = collections.Counter()
     paths = []
@@ -86,22 +94,23 @@ def train(args) -> dict:
     # fp32 as in preprocessing: units are assigned on fp32-computed features, so fit on those too
     encoder = HubertEncoder(args.hubert, layer=args.layer, device=device, dtype=torch.float32)
     # reject clips shorter than the encoder's receptive field per file; the encoder would fail the batch
-    loader = AudioLoader(AudioOptions(batch_size=args.audio_batch, device=args.device,
-                                      min_samples=max(400, encoder.min_samples)))
+    loader = AudioLoader(
+        AudioOptions(batch_size=args.audio_batch, device=args.device, min_samples=max(400, encoder.min_samples))
+    )
     budget = None if args.max_hours is None else int(args.max_hours * 3600 * encoder.frame_rate)  # frames
     stats = {"utterances": 0, "frames": 0}
 
     def features():
         for start in range(0, len(paths), args.audio_batch):
             waves = []
-            for wave in loader.load(paths[start:start + args.audio_batch]):
+            for wave in loader.load(paths[start : start + args.audio_batch]):
                 if isinstance(wave, Rejected):
                     rejects[f"audio: {wave.reason.split(':')[0]}"] += 1  # group by kind, not per file
                 else:
                     waves.append(wave)
             for feats in encoder(waves) if waves else []:  # [frames, dim] float16
                 if budget is not None:
-                    feats = feats[:budget - stats["frames"]]
+                    feats = feats[: budget - stats["frames"]]
                 stats["utterances"] += 1
                 stats["frames"] += len(feats)
                 yield feats
@@ -109,15 +118,30 @@ def train(args) -> dict:
                     return
 
     started = time.time()
-    codebook = fit_codebook(features(), k=args.k, seed=args.seed, batch_size=args.batch_size,
-                            max_frames=args.max_frames, n_init=args.n_init,
-                            max_iter=args.max_iter, layer=args.layer, hubert=args.hubert)
+    codebook = fit_codebook(
+        features(),
+        k=args.k,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        max_frames=args.max_frames,
+        n_init=args.n_init,
+        max_iter=args.max_iter,
+        layer=args.layer,
+        hubert=args.hubert,
+    )
     codebook.save(args.output)
-    return {"output": args.output, "k": codebook.k, "dim": codebook.dim, "layer": args.layer,
-            "utterances": stats["utterances"], "frames": stats["frames"],
-            "fit_frames": min(stats["frames"], args.max_frames),
-            "hours": round(stats["frames"] / encoder.frame_rate / 3600, 4), "seconds": round(time.time() - started, 2),
-            "rejected": dict(rejects)}
+    return {
+        "output": args.output,
+        "k": codebook.k,
+        "dim": codebook.dim,
+        "layer": args.layer,
+        "utterances": stats["utterances"],
+        "frames": stats["frames"],
+        "fit_frames": min(stats["frames"], args.max_frames),
+        "hours": round(stats["frames"] / encoder.frame_rate / 3600, 4),
+        "seconds": round(time.time() - started, 2),
+        "rejected": dict(rejects),
+    }
 
 
 if __name__ == "__main__":

@@ -26,15 +26,24 @@ class HubertEncoder:
 
     sample_rate = 16000
 
-    def __init__(self, path: str, *, layer: int | None = None, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32, max_batch_samples: int = 16000 * 320):
+    def __init__(
+        self,
+        path: str,
+        *,
+        layer: int | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        max_batch_samples: int = 16000 * 320,
+    ):
         from transformers import HubertModel
 
         self.model = HubertModel.from_pretrained(str(path), dtype=dtype).to(device).eval().requires_grad_(False)
         config = self.model.config
         if layer is not None and not 0 <= layer <= config.num_hidden_layers:
-            raise ConfigError(f"HubertEncoder layer={layer}: {path} has {config.num_hidden_layers} transformer "
-                              f"layers; use 0..{config.num_hidden_layers} (hidden_states index) or None for the last")
+            raise ConfigError(
+                f"HubertEncoder layer={layer}: {path} has {config.num_hidden_layers} transformer "
+                f"layers; use 0..{config.num_hidden_layers} (hidden_states index) or None for the last"
+            )
         if max_batch_samples < 1:
             raise ConfigError(f"HubertEncoder max_batch_samples={max_batch_samples}: must be >= 1")
         self.path = str(path)
@@ -58,8 +67,10 @@ class HubertEncoder:
     def __call__(self, waves: list[np.ndarray]) -> list[torch.Tensor]:
         for i, wave in enumerate(waves):
             if wave.ndim != 1 or len(wave) < self.min_samples:
-                raise ValueError(f"HubertEncoder: wave {i} has shape {tuple(wave.shape)}; need 1-D mono with "
-                                 f">= {self.min_samples} samples at {self.sample_rate} Hz")
+                raise ValueError(
+                    f"HubertEncoder: wave {i} has shape {tuple(wave.shape)}; need 1-D mono with "
+                    f">= {self.min_samples} samples at {self.sample_rate} Hz"
+                )
         out: list[torch.Tensor | None] = [None] * len(waves)
         for batch in self._batches([len(w) for w in waves]):
             for i, features in zip(batch, self._forward([waves[i] for i in batch])):
@@ -81,19 +92,22 @@ class HubertEncoder:
         lengths = torch.tensor([len(w) for w in waves])
         padded = torch.zeros(len(waves), int(lengths.max()), dtype=self.model.dtype)  # [batch, samples]
         for row, wave in enumerate(waves):
-            padded[row, :len(wave)] = torch.from_numpy(np.asarray(wave, dtype=np.float32))
+            padded[row, : len(wave)] = torch.from_numpy(np.asarray(wave, dtype=np.float32))
         mask = torch.arange(padded.shape[1])[None, :] < lengths[:, None]  # [batch, samples]
         kernel, stride = self.model.config.conv_kernel[0], self.model.config.conv_stride[0]
         time0 = torch.arange(_conv_len(padded.shape[1], kernel, stride))  # first conv layer's frames
         self._valid = (time0[None, :] < _conv_len(lengths, kernel, stride)[:, None]).to(self.device)
         try:
-            output = self.model(padded.to(self.device), attention_mask=mask.long().to(self.device),
-                                output_hidden_states=self.layer is not None)
+            output = self.model(
+                padded.to(self.device),
+                attention_mask=mask.long().to(self.device),
+                output_hidden_states=self.layer is not None,
+            )
         finally:
             self._valid = None
         hidden = output.last_hidden_state if self.layer is None else output.hidden_states[self.layer]  # [b, f, d]
         frames = self.model._get_feat_extract_output_lengths(lengths)
-        return [hidden[row, :int(n)].to(torch.float16).cpu() for row, n in enumerate(frames)]
+        return [hidden[row, : int(n)].to(torch.float16).cpu() for row, n in enumerate(frames)]
 
     def _masked_group_norm(self, module: torch.nn.GroupNorm, inputs, output):
         """GroupNorm over each sample's valid frames only (output replaced; padded frames are don't-care)."""

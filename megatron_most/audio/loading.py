@@ -58,10 +58,13 @@ class AudioOptions:
         require(self.min_samples >= 1, f"AudioOptions.min_samples={self.min_samples}: must be >= 1 (e.g. 400)")
         require(self.batch_size >= 1, f"AudioOptions.batch_size={self.batch_size}: must be >= 1 (e.g. 32)")
         require(self.num_threads >= 1, f"AudioOptions.num_threads={self.num_threads}: must be >= 1")
-        require(self.device in ("cpu", "gpu", "auto"),
-                f"AudioOptions.device={self.device!r}: use 'cpu', 'gpu' or 'auto'")
-        require(0 <= self.resample_quality <= 100,
-                f"AudioOptions.resample_quality={self.resample_quality}: must be in 0..100 (default 50)")
+        require(
+            self.device in ("cpu", "gpu", "auto"), f"AudioOptions.device={self.device!r}: use 'cpu', 'gpu' or 'auto'"
+        )
+        require(
+            0 <= self.resample_quality <= 100,
+            f"AudioOptions.resample_quality={self.resample_quality}: must be in 0..100 (default 50)",
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +96,7 @@ class AudioLoader:
             else:
                 (dali if probe.format in DALI_FORMATS else fallback).append((i, probe))
         for start in range(0, len(dali), self.options.batch_size):
-            chunk = dali[start:start + self.options.batch_size]
+            chunk = dali[start : start + self.options.batch_size]
             for (i, probe), wave in zip(chunk, self._decode_batch([p for _, p in chunk])):
                 if wave is None or self._short(wave, probe):
                     # DALI could not decode it alone, or decoded fewer frames than the header
@@ -147,7 +150,7 @@ class AudioLoader:
             else:
                 pending.append((i, wave, probe.rate))
         for start in range(0, len(pending), self.options.batch_size):
-            chunk = pending[start:start + self.options.batch_size]
+            chunk = pending[start : start + self.options.batch_size]
             waves = self._resample_batch([w for _, w, _ in chunk], [r for _, _, r in chunk])
             for (i, _, _), wave in zip(chunk, waves):
                 results[i] = wave
@@ -163,8 +166,9 @@ class AudioLoader:
                 out.extend(self._run_resample([wave], [rate]))
             except RuntimeError as err:
                 self._resample_pipe = None
-                out.append(Rejected(f"cannot resample {rate} Hz -> {self.options.sample_rate} Hz: "
-                                    f"{_dali_message(err)}"))
+                out.append(
+                    Rejected(f"cannot resample {rate} Hz -> {self.options.sample_rate} Hz: {_dali_message(err)}")
+                )
         return out
 
     def _run_resample(self, waves: list[np.ndarray], rates: list[int]) -> list[np.ndarray]:
@@ -282,16 +286,26 @@ def _resample_node(audio, rate, options: AudioOptions, gpu: bool):
     import nvidia.dali.fn as fn
 
     # Same sinc kernel as decoders.audio(sample_rate=...) (measured identical), but it has a GPU backend.
-    return fn.audio_resample(audio.gpu() if gpu else audio, in_rate=rate, out_rate=float(options.sample_rate),
-                             quality=float(options.resample_quality))
+    return fn.audio_resample(
+        audio.gpu() if gpu else audio,
+        in_rate=rate,
+        out_rate=float(options.sample_rate),
+        quality=float(options.resample_quality),
+    )
 
 
 def _build(graph, options: AudioOptions, device_id: int | None):
     from nvidia.dali import pipeline_def
 
     # prefetch_queue_depth=1: each feed_input is consumed by exactly the next run().
-    pipe = pipeline_def(graph, batch_size=options.batch_size, num_threads=options.num_threads,
-                        device_id=device_id, prefetch_queue_depth=1, exec_dynamic=True)(options, device_id is not None)
+    pipe = pipeline_def(
+        graph,
+        batch_size=options.batch_size,
+        num_threads=options.num_threads,
+        device_id=device_id,
+        prefetch_queue_depth=1,
+        exec_dynamic=True,
+    )(options, device_id is not None)
     pipe.build()
     return pipe
 

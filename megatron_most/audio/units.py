@@ -43,8 +43,10 @@ class UnitCodebook:
         """Nearest centroid (squared Euclidean) per frame [frames, dim] -> [frames'] int64."""
         features = torch.as_tensor(features).to(self.centroids.device, torch.float32)
         if features.ndim != 2 or features.shape[1] != self.dim:
-            raise ValueError(f"UnitCodebook.assign: features shape {tuple(features.shape)}, expected "
-                             f"[frames, {self.dim}] (codebook fitted on HuBERT layer {self.layer} features)")
+            raise ValueError(
+                f"UnitCodebook.assign: features shape {tuple(features.shape)}, expected "
+                f"[frames, {self.dim}] (codebook fitted on HuBERT layer {self.layer} features)"
+            )
         ids = []
         for chunk in features.split(_ASSIGN_CHUNK):  # [n, dim]
             # ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2; ||x||^2 is the same for every c, so it drops out of argmin.
@@ -55,8 +57,14 @@ class UnitCodebook:
     def save(self, path: str | os.PathLike) -> None:
         from safetensors.torch import save_file
 
-        metadata = {"format": FORMAT, "version": VERSION, "k": str(self.k), "dim": str(self.dim),
-                    "hubert_layer": "" if self.layer is None else str(self.layer), "hubert": self.hubert}
+        metadata = {
+            "format": FORMAT,
+            "version": VERSION,
+            "k": str(self.k),
+            "dim": str(self.dim),
+            "hubert_layer": "" if self.layer is None else str(self.layer),
+            "hubert": self.hubert,
+        }
         save_file({"centroids": self.centroids.cpu()}, str(path), metadata=metadata)
 
     @classmethod
@@ -74,14 +82,18 @@ class UnitCodebook:
         except (SafetensorError, OSError) as err:
             raise ConfigError(f"unit codebook {path}: not a readable safetensors file ({err}); {fix}") from err
         if metadata.get("format") != FORMAT or centroids is None:
-            raise ConfigError(f"unit codebook {path}: safetensors file without format={FORMAT!r} metadata and a "
-                              f"'centroids' tensor; {fix}")
+            raise ConfigError(
+                f"unit codebook {path}: safetensors file without format={FORMAT!r} metadata and a "
+                f"'centroids' tensor; {fix}"
+            )
         if metadata.get("version") != VERSION:
             raise ConfigError(f"unit codebook {path}: version {metadata.get('version')!r}, this code reads {VERSION!r}")
         expected = (int(metadata["k"]), int(metadata["dim"]))
         if tuple(centroids.shape) != expected or centroids.dtype != torch.float32:
-            raise ConfigError(f"unit codebook {path}: centroids {centroids.dtype} {tuple(centroids.shape)} disagree "
-                              f"with metadata k, dim = {expected} (float32); the file is damaged, {fix}")
+            raise ConfigError(
+                f"unit codebook {path}: centroids {centroids.dtype} {tuple(centroids.shape)} disagree "
+                f"with metadata k, dim = {expected} (float32); the file is damaged, {fix}"
+            )
         layer = metadata.get("hubert_layer", "")
         return cls(centroids, layer=int(layer) if layer else None, hubert=metadata.get("hubert", ""))
 
@@ -96,9 +108,18 @@ def dedup_units(units: np.ndarray) -> np.ndarray:
     return units[keep]
 
 
-def fit_codebook(features: Iterable[np.ndarray | torch.Tensor], *, k: int = 500, seed: int = 0,
-                 batch_size: int = 10000, max_frames: int | None = None, n_init: int = 20, max_iter: int = 100,
-                 layer: int | None = None, hubert: str = "") -> UnitCodebook:
+def fit_codebook(
+    features: Iterable[np.ndarray | torch.Tensor],
+    *,
+    k: int = 500,
+    seed: int = 0,
+    batch_size: int = 10000,
+    max_frames: int | None = None,
+    n_init: int = 20,
+    max_iter: int = 100,
+    layer: int | None = None,
+    hubert: str = "",
+) -> UnitCodebook:
     """MiniBatchKMeans on the frames of `features` ([frames, dim] each); deterministic for a seed.
 
     max_frames: keep a uniform random sample (reservoir, seeded) of at most this many frames, so
@@ -107,15 +128,27 @@ def fit_codebook(features: Iterable[np.ndarray | torch.Tensor], *, k: int = 500,
     from sklearn.cluster import MiniBatchKMeans
 
     if k < 1 or batch_size < 1 or n_init < 1 or max_iter < 1:
-        raise ConfigError(f"fit_codebook: k={k}, batch_size={batch_size}, n_init={n_init}, max_iter={max_iter}: "
-                          "all must be >= 1")
+        raise ConfigError(
+            f"fit_codebook: k={k}, batch_size={batch_size}, n_init={n_init}, max_iter={max_iter}: all must be >= 1"
+        )
     frames = _collect(features, max_frames, np.random.default_rng(seed))  # [n, dim] float32
     if len(frames) < k:
-        raise ConfigError(f"fit_codebook: k={k} centroids need at least {k} feature frames, got {len(frames)}; "
-                          "lower k or give more audio (more manifests / a larger --max-hours)")
-    kmeans = MiniBatchKMeans(n_clusters=k, init="k-means++", n_init=n_init, max_iter=max_iter,
-                             batch_size=batch_size, random_state=seed, compute_labels=False, tol=0.0,
-                             max_no_improvement=100, reassignment_ratio=0.0)
+        raise ConfigError(
+            f"fit_codebook: k={k} centroids need at least {k} feature frames, got {len(frames)}; "
+            "lower k or give more audio (more manifests / a larger --max-hours)"
+        )
+    kmeans = MiniBatchKMeans(
+        n_clusters=k,
+        init="k-means++",
+        n_init=n_init,
+        max_iter=max_iter,
+        batch_size=batch_size,
+        random_state=seed,
+        compute_labels=False,
+        tol=0.0,
+        max_no_improvement=100,
+        reassignment_ratio=0.0,
+    )
     kmeans.fit(frames)
     return UnitCodebook(kmeans.cluster_centers_.astype(np.float32), layer=layer, hubert=hubert)
 
@@ -133,7 +166,7 @@ def _collect(features: Iterable, max_frames: int | None, rng: np.random.Generato
         if reservoir is None:
             reservoir = np.empty((max_frames, chunk.shape[1]), dtype=np.float32)
         fill = min(max(max_frames - seen, 0), len(chunk))
-        reservoir[seen:seen + fill] = chunk[:fill]
+        reservoir[seen : seen + fill] = chunk[:fill]
         rest = np.arange(fill, len(chunk))  # rows that compete for a slot
         slots = rng.integers(0, seen + rest + 1)  # frame number t replaces slot j < max_frames w.p. max_frames/(t+1)
         hit = slots < max_frames
@@ -144,7 +177,7 @@ def _collect(features: Iterable, max_frames: int | None, rng: np.random.Generato
         seen += len(chunk)
     if max_frames is None:
         return np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
-    return reservoir[:min(seen, max_frames)] if reservoir is not None else np.zeros((0, 0), np.float32)
+    return reservoir[: min(seen, max_frames)] if reservoir is not None else np.zeros((0, 0), np.float32)
 
 
 def _as_frames(chunk) -> np.ndarray:

@@ -25,8 +25,15 @@ INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 
 DTYPES = {
-    "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
     "BOOL": torch.bool,
 }
 
@@ -90,9 +97,7 @@ class HFCheckpoint:
             absent = [(n, s) for n, s in weight_map.items() if n not in self._info or self._info[n][0].name != s]
             if absent:
                 shown = ", ".join(f"{n!r} (in {s})" for n, s in absent[:5])
-                raise CheckpointError(
-                    f"{index_path}: names {len(absent)} tensor(s) absent from their shard: {shown}"
-                )
+                raise CheckpointError(f"{index_path}: names {len(absent)} tensor(s) absent from their shard: {shown}")
             # tensors in a shard but not in the index are ignored, as transformers does
             self._info = {n: self._info[n] for n in weight_map}
 

@@ -36,7 +36,14 @@ from pathlib import Path
 import torch
 
 from megatron_most.convert import mapping
-from megatron_most.convert.check import DEFAULT_TOLERANCE, VerifyError, compare, has_audio, most_check_name, sample_batch
+from megatron_most.convert.check import (
+    DEFAULT_TOLERANCE,
+    VerifyError,
+    compare,
+    has_audio,
+    most_check_name,
+    sample_batch,
+)
 from megatron_most.convert.hf_reader import CheckpointError, HFCheckpoint, read_config
 from megatron_most.convert.output import atomic_output, check_output
 from megatron_most.model.config import MoSTConfig
@@ -129,7 +136,9 @@ def build_template(most: MoSTConfig, dtype: torch.dtype | None = None):
         parallel_state.get_expert_model_parallel_world_size(),
     )
     if sizes != (1, 1, 1) or torch.distributed.get_world_size() != 1:
-        raise RuntimeError(f"the converter runs as one process at TP=PP=EP=1 (got TP/PP/EP {sizes}, world {torch.distributed.get_world_size()})")
+        raise RuntimeError(
+            f"the converter runs as one process at TP=PP=EP=1 (got TP/PP/EP {sizes}, world {torch.distributed.get_world_size()})"
+        )
     template = build_meta_model(most).sharded_state_dict()
     if dtype is None:
         return template
@@ -175,8 +184,18 @@ def check_target_layout(most: MoSTConfig, layout: ParallelLayout, source="the mo
         raise ConfigError(f"target layout {layout.describe()} does not fit {source}: {e}") from e
 
 
-def convert(hf_dir, out_dir, base: MoSTConfig, *, seed: int = 0, dtype: torch.dtype | None = None,
-            layout: ParallelLayout | None = None, verify: bool = False, tolerance: float = DEFAULT_TOLERANCE, log=print):
+def convert(
+    hf_dir,
+    out_dir,
+    base: MoSTConfig,
+    *,
+    seed: int = 0,
+    dtype: torch.dtype | None = None,
+    layout: ParallelLayout | None = None,
+    verify: bool = False,
+    tolerance: float = DEFAULT_TOLERANCE,
+    log=print,
+):
     """Convert; needs platform.initialize(ParallelLayout()) in this (single) process. `dtype`:
     of the written tensors (default: the HF checkpoint's). `layout` (default TP = PP = EP = 1):
     the target layout, checked against the model before any shard is read, verified at, and
@@ -197,8 +216,11 @@ def convert(hf_dir, out_dir, base: MoSTConfig, *, seed: int = 0, dtype: torch.dt
     template = build_template(most, dtype)
     planned = plan(ckpt, most, _template_entries(template))
     loaders = {
-        item.key: (lambda item=item, source=source, shape=shape, dtype=dtype: mapping.produce(
-            item, source, ckpt.get, shape, dtype, most, seed, get_row=ckpt.get_row))
+        item.key: (
+            lambda item=item, source=source, shape=shape, dtype=dtype: mapping.produce(
+                item, source, ckpt.get, shape, dtype, most, seed, get_row=ckpt.get_row
+            )
+        )
         for item, source, shape, dtype in planned
     }
     with atomic_output(out_dir) as tmp:
@@ -207,10 +229,14 @@ def convert(hf_dir, out_dir, base: MoSTConfig, *, seed: int = 0, dtype: torch.dt
         write_most_config(tmp, most)
         checked = None
         if verify:
-            checked = _verify_or_raise(hf_dir, tmp, most, out_dir, layout=layout, tolerance=tolerance, seed=seed, log=log)
+            checked = _verify_or_raise(
+                hf_dir, tmp, most, out_dir, layout=layout, tolerance=tolerance, seed=seed, log=log
+            )
         write_record(tmp, hf_dir, dtype, seed, layout, checked)
-    log(f"wrote {out_dir}: {stats.entries} tensors, {stats.bytes / 2**20:.1f} MiB (target layout {layout.describe()}, "
-        "loads at any layout)")
+    log(
+        f"wrote {out_dir}: {stats.entries} tensors, {stats.bytes / 2**20:.1f} MiB (target layout {layout.describe()}, "
+        "loads at any layout)"
+    )
     return most, stats
 
 
@@ -219,7 +245,9 @@ def write_most_config(directory, most: MoSTConfig) -> None:
     (Path(directory) / CONFIG_NAME).write_text(json.dumps(dataclasses.asdict(most), indent=1, default=list))
 
 
-def write_record(directory, hf_dir, dtype: torch.dtype, seed: int, layout: ParallelLayout, checked: dict | None) -> None:
+def write_record(
+    directory, hf_dir, dtype: torch.dtype, seed: int, layout: ParallelLayout, checked: dict | None
+) -> None:
     """conversion.json next to most_config.json: what the checkpoint was made from and for."""
     from megatron_most.model.estimate import default_world_size
 
@@ -227,8 +255,14 @@ def write_record(directory, hf_dir, dtype: torch.dtype, seed: int, layout: Paral
         source=str(Path(hf_dir).resolve()),
         dtype={v: k for k, v in DTYPES.items()}[dtype],
         seed=seed,
-        layout=dict(tp=layout.tp, pp=layout.pp, ep=layout.ep, etp=layout.expert_tp, sp=layout.sp,
-                    smallest_world_size=default_world_size(layout)),
+        layout=dict(
+            tp=layout.tp,
+            pp=layout.pp,
+            ep=layout.ep,
+            etp=layout.expert_tp,
+            sp=layout.sp,
+            smallest_world_size=default_world_size(layout),
+        ),
         note="torch_dist checkpoint: reshards on load to any layout that divides the model, not only this one",
         verify=checked,
     )
@@ -238,7 +272,9 @@ def write_record(directory, hf_dir, dtype: torch.dtype, seed: int, layout: Paral
 def _verify_or_raise(hf_dir, tmp, most, out_dir, *, layout: ParallelLayout, **kwargs) -> dict:
     diffs, ok = verify(hf_dir, tmp, most, layout=layout, **kwargs)
     if not ok:
-        raise VerifyError(f"--verify FAILED: the conversion does not reproduce {hf_dir}'s logits; nothing was written to {out_dir}")
+        raise VerifyError(
+            f"--verify FAILED: the conversion does not reproduce {hf_dir}'s logits; nothing was written to {out_dir}"
+        )
     return dict(layout=layout.describe(), max_abs_logit_diff=diffs, passed=True)
 
 
@@ -281,14 +317,27 @@ def _most_reference(hf, converted, most: MoSTConfig):
         else:
             raise RuntimeError(f"verify: the MoST reference tensor {name} has no source")
         if value.shape != param.shape:
-            raise RuntimeError(f"verify: {name} is {tuple(value.shape)} in the source, {tuple(param.shape)} in the MoST reference")
+            raise RuntimeError(
+                f"verify: {name} is {tuple(value.shape)} in the source, {tuple(param.shape)} in the MoST reference"
+            )
         state[name] = value.float()
     reference.load_state_dict(state, strict=True)
     return reference
 
 
-def verify(hf_dir, out_dir, most: MoSTConfig, *, layout: ParallelLayout | None = None, batch: int = 2, seq: int = 32,
-           tolerance: float = DEFAULT_TOLERANCE, seed: int = 0, timeout_s: float = 3600.0, log=print) -> tuple[dict, bool]:
+def verify(
+    hf_dir,
+    out_dir,
+    most: MoSTConfig,
+    *,
+    layout: ParallelLayout | None = None,
+    batch: int = 2,
+    seq: int = 32,
+    tolerance: float = DEFAULT_TOLERANCE,
+    seed: int = 0,
+    timeout_s: float = 3600.0,
+    log=print,
+) -> tuple[dict, bool]:
     """Logits of the source and of the converted checkpoint loaded into MoSTModel (both fp32),
     printing the max abs difference and PASS/FAIL of each check:
 
@@ -347,10 +396,17 @@ def verify(hf_dir, out_dir, most: MoSTConfig, *, layout: ParallelLayout | None =
         log(f"verify: MoSTModel at {layout.describe()} on {world} gloo ranks (checkpoint resharded on load)")
         jobs = [(config, ids, features) for _, config, ids, features, _, _ in checks]
         try:
-            per_rank = run_ranks(layout_logits, world, args=(str(out_dir), layout, jobs), timeout_s=timeout_s,
-                                 threads=max(1, (os.cpu_count() or 1) // world))
+            per_rank = run_ranks(
+                layout_logits,
+                world,
+                args=(str(out_dir), layout, jobs),
+                timeout_s=timeout_s,
+                threads=max(1, (os.cpu_count() or 1) // world),
+            )
         except RankError as e:
-            raise VerifyError(f"--verify: MoSTModel at {layout.describe()} did not run, so the conversion is unverified:\n{e}") from e
+            raise VerifyError(
+                f"--verify: MoSTModel at {layout.describe()} did not run, so the conversion is unverified:\n{e}"
+            ) from e
         outputs = [[r[i] for r in per_rank if r[i] is not None] for i in range(len(checks))]
 
     diffs, ok = {}, True

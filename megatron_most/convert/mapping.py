@@ -59,40 +59,82 @@ _L = "model.layers.{layer}."
 _M = "decoder.layers.{layer}."
 
 RULES: tuple[Rule, ...] = (
-    Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), "vocab", "model",
-         fields="vocab_size x hidden_size"),
+    Rule(
+        "embedding.word_embeddings.weight",
+        ("model.embed_tokens.weight",),
+        "vocab",
+        "model",
+        fields="vocab_size x hidden_size",
+    ),
     Rule("output_layer.weight", ("lm_head.weight",), "vocab", "model", fields="vocab_size x hidden_size"),
     Rule("decoder.final_layernorm.weight", ("model.norm.weight",), where="model", fields="hidden_size"),
     Rule("audio_projection.weight", ("model.audio_projection.weight",), "new", "audio_features"),
     Rule("audio_projection.bias", ("model.audio_projection.bias",), "new", "audio_features", init="zeros"),
     Rule(_M + "input_layernorm.weight", (_L + "input_layernorm.weight",), fields="hidden_size"),
     Rule(_M + "pre_mlp_layernorm.weight", (_L + "post_attention_layernorm.weight",), fields="hidden_size"),
-    Rule(_M + "self_attention.linear_q_proj.weight", (_L + "self_attn.q_proj.weight",),
-         fields="num_attention_heads x (qk_nope_head_dim + qk_rope_head_dim), hidden_size"),
-    Rule(_M + "self_attention.linear_kv_down_proj.weight", (_L + "self_attn.kv_a_proj_with_mqa.weight",),
-         fields="kv_lora_rank + qk_rope_head_dim, hidden_size"),
+    Rule(
+        _M + "self_attention.linear_q_proj.weight",
+        (_L + "self_attn.q_proj.weight",),
+        fields="num_attention_heads x (qk_nope_head_dim + qk_rope_head_dim), hidden_size",
+    ),
+    Rule(
+        _M + "self_attention.linear_kv_down_proj.weight",
+        (_L + "self_attn.kv_a_proj_with_mqa.weight",),
+        fields="kv_lora_rank + qk_rope_head_dim, hidden_size",
+    ),
     Rule(_M + "self_attention.kv_layernorm.weight", (_L + "self_attn.kv_a_layernorm.weight",), fields="kv_lora_rank"),
-    Rule(_M + "self_attention.linear_kv_up_proj.weight", (_L + "self_attn.kv_b_proj.weight",),
-         fields="num_attention_heads x (qk_nope_head_dim + v_head_dim), kv_lora_rank"),
-    Rule(_M + "self_attention.linear_proj.weight", (_L + "self_attn.o_proj.weight",),
-         fields="hidden_size, num_attention_heads x v_head_dim"),
-    Rule(_M + "mlp.linear_fc1.weight", (_L + "mlp.gate_proj.weight", _L + "mlp.up_proj.weight"), "swiglu", "dense",
-         fields="intermediate_size, hidden_size"),
-    Rule(_M + "mlp.linear_fc2.weight", (_L + "mlp.down_proj.weight",), where="dense",
-         fields="hidden_size, intermediate_size"),
+    Rule(
+        _M + "self_attention.linear_kv_up_proj.weight",
+        (_L + "self_attn.kv_b_proj.weight",),
+        fields="num_attention_heads x (qk_nope_head_dim + v_head_dim), kv_lora_rank",
+    ),
+    Rule(
+        _M + "self_attention.linear_proj.weight",
+        (_L + "self_attn.o_proj.weight",),
+        fields="hidden_size, num_attention_heads x v_head_dim",
+    ),
+    Rule(
+        _M + "mlp.linear_fc1.weight",
+        (_L + "mlp.gate_proj.weight", _L + "mlp.up_proj.weight"),
+        "swiglu",
+        "dense",
+        fields="intermediate_size, hidden_size",
+    ),
+    Rule(
+        _M + "mlp.linear_fc2.weight",
+        (_L + "mlp.down_proj.weight",),
+        where="dense",
+        fields="hidden_size, intermediate_size",
+    ),
     Rule(_M + "mlp.router.weight", (_L + "mlp.gate.weight",), where="moe", fields="n_routed_experts, hidden_size"),
-    Rule(_M + "mlp.experts.local_experts.{expert}.linear_fc1.weight",
-         (_L + "mlp.experts.{expert}.gate_proj.weight", _L + "mlp.experts.{expert}.up_proj.weight"), "swiglu", "moe",
-         alternatives=(Source((_L + "mlp.experts.gate_up_proj",), stacked=True),),
-         fields="moe_intermediate_size, hidden_size (n_routed_experts experts)"),
-    Rule(_M + "mlp.experts.local_experts.{expert}.linear_fc2.weight", (_L + "mlp.experts.{expert}.down_proj.weight",),
-         where="moe", alternatives=(Source((_L + "mlp.experts.down_proj",), stacked=True),),
-         fields="hidden_size, moe_intermediate_size (n_routed_experts experts)"),
-    Rule(_M + "mlp.shared_experts.linear_fc1.weight",
-         (_L + "mlp.shared_experts.gate_proj.weight", _L + "mlp.shared_experts.up_proj.weight"), "swiglu", "shared",
-         fields="n_shared_experts x moe_intermediate_size, hidden_size"),
-    Rule(_M + "mlp.shared_experts.linear_fc2.weight", (_L + "mlp.shared_experts.down_proj.weight",), where="shared",
-         fields="hidden_size, n_shared_experts x moe_intermediate_size"),
+    Rule(
+        _M + "mlp.experts.local_experts.{expert}.linear_fc1.weight",
+        (_L + "mlp.experts.{expert}.gate_proj.weight", _L + "mlp.experts.{expert}.up_proj.weight"),
+        "swiglu",
+        "moe",
+        alternatives=(Source((_L + "mlp.experts.gate_up_proj",), stacked=True),),
+        fields="moe_intermediate_size, hidden_size (n_routed_experts experts)",
+    ),
+    Rule(
+        _M + "mlp.experts.local_experts.{expert}.linear_fc2.weight",
+        (_L + "mlp.experts.{expert}.down_proj.weight",),
+        where="moe",
+        alternatives=(Source((_L + "mlp.experts.down_proj",), stacked=True),),
+        fields="hidden_size, moe_intermediate_size (n_routed_experts experts)",
+    ),
+    Rule(
+        _M + "mlp.shared_experts.linear_fc1.weight",
+        (_L + "mlp.shared_experts.gate_proj.weight", _L + "mlp.shared_experts.up_proj.weight"),
+        "swiglu",
+        "shared",
+        fields="n_shared_experts x moe_intermediate_size, hidden_size",
+    ),
+    Rule(
+        _M + "mlp.shared_experts.linear_fc2.weight",
+        (_L + "mlp.shared_experts.down_proj.weight",),
+        where="shared",
+        fields="hidden_size, n_shared_experts x moe_intermediate_size",
+    ),
 )
 
 IGNORED_HF = (re.compile(r".*\.rotary_emb\.inv_freq$"),)
@@ -157,8 +199,16 @@ def _seeded_normal(key: str, shape, std: float, seed: int) -> torch.Tensor:
     return torch.randn(shape, generator=gen) * std
 
 
-def produce(item: Item, source, get: Callable[[str], torch.Tensor], shape, dtype, most: MoSTConfig, seed: int = 0,
-            get_row: Callable[[str, int], torch.Tensor] | None = None):
+def produce(
+    item: Item,
+    source,
+    get: Callable[[str], torch.Tensor],
+    shape,
+    dtype,
+    most: MoSTConfig,
+    seed: int = 0,
+    get_row: Callable[[str, int], torch.Tensor] | None = None,
+):
     """The Megatron tensor of `item` ([shape], dtype) from HF tensors read with `get(name)`
     (`get_row(name, i)`, if given, reads one expert of a stacked tensor).
     `source` is choose_source's result. Swiglu returns [gate, up] (the writer's fc1 chunks)."""
@@ -186,7 +236,7 @@ def produce(item: Item, source, get: Callable[[str], torch.Tensor], shape, dtype
             return rows.contiguous()
         table = torch.empty(shape, dtype=dtype)
         table[: rows.shape[0]] = rows
-        table[rows.shape[0]:] = _seeded_normal(item.key, (shape[0] - rows.shape[0], *shape[1:]), most.init_std, seed)
+        table[rows.shape[0] :] = _seeded_normal(item.key, (shape[0] - rows.shape[0], *shape[1:]), most.init_std, seed)
         return table
     raise ValueError(f"unknown rule kind {rule.kind!r} for {item.key}")
 
@@ -232,14 +282,31 @@ def config_from_hf(config: dict, base: MoSTConfig) -> MoSTConfig:
         return config[key]
 
     checks = [
-        (config.get("q_lora_rank") is None, f"q_lora_rank={config.get('q_lora_rank')}: MoST's MLA has no query LoRA (DeepSeek-V2-Lite: null)"),
-        (config.get("topk_method", "greedy") == "greedy", f"topk_method={config.get('topk_method')!r}: only 'greedy' is supported"),
+        (
+            config.get("q_lora_rank") is None,
+            f"q_lora_rank={config.get('q_lora_rank')}: MoST's MLA has no query LoRA (DeepSeek-V2-Lite: null)",
+        ),
+        (
+            config.get("topk_method", "greedy") == "greedy",
+            f"topk_method={config.get('topk_method')!r}: only 'greedy' is supported",
+        ),
         (not config.get("norm_topk_prob", False), "norm_topk_prob=true: MAMoE does not renormalise top-k weights"),
-        (float(config.get("routed_scaling_factor", 1.0)) == 1.0, f"routed_scaling_factor={config.get('routed_scaling_factor')}: only 1.0 is supported"),
-        (config.get("scoring_func", "softmax") == "softmax", f"scoring_func={config.get('scoring_func')!r}: only softmax is supported"),
-        (config.get("num_key_value_heads", config.get("num_attention_heads")) == config.get("num_attention_heads"),
-         "num_key_value_heads != num_attention_heads: MLA has one key/value per head"),
-        (not config.get("tie_word_embeddings", False), "tie_word_embeddings=true: MoSTModel keeps separate input/output tables"),
+        (
+            float(config.get("routed_scaling_factor", 1.0)) == 1.0,
+            f"routed_scaling_factor={config.get('routed_scaling_factor')}: only 1.0 is supported",
+        ),
+        (
+            config.get("scoring_func", "softmax") == "softmax",
+            f"scoring_func={config.get('scoring_func')!r}: only softmax is supported",
+        ),
+        (
+            config.get("num_key_value_heads", config.get("num_attention_heads")) == config.get("num_attention_heads"),
+            "num_key_value_heads != num_attention_heads: MLA has one key/value per head",
+        ),
+        (
+            not config.get("tie_word_embeddings", False),
+            "tie_word_embeddings=true: MoSTModel keeps separate input/output tables",
+        ),
         (config.get("hidden_act", "silu") == "silu", f"hidden_act={config.get('hidden_act')!r}: only silu (SwiGLU)"),
     ]
     for ok, message in checks:
@@ -251,7 +318,9 @@ def config_from_hf(config: dict, base: MoSTConfig) -> MoSTConfig:
     num_layers = int(need("num_hidden_layers"))
     first_dense = int(config.get("first_k_dense_replace", 0))
     if int(config.get("moe_layer_freq", 1)) != 1:
-        raise ConfigError(f"config.json moe_layer_freq={config['moe_layer_freq']}: only 1 (every layer after the dense ones)")
+        raise ConfigError(
+            f"config.json moe_layer_freq={config['moe_layer_freq']}: only 1 (every layer after the dense ones)"
+        )
     mamoe_changes = dict(num_experts=experts, topk=int(need("num_experts_per_tok")))
     if base.mamoe.variant != "no_shared":
         mamoe_changes["shared_expert_size"] = n_shared * moe_ffn
@@ -357,4 +426,15 @@ def hf_config_fields(most: MoSTConfig, *, rope: str = "parameters", **overrides)
     return fields
 
 
-__all__ = ["RULES", "Rule", "Source", "Item", "items", "megatron_keys", "choose_source", "produce", "config_from_hf", "hf_config_fields"]
+__all__ = [
+    "RULES",
+    "Rule",
+    "Source",
+    "Item",
+    "items",
+    "megatron_keys",
+    "choose_source",
+    "produce",
+    "config_from_hf",
+    "hf_config_fields",
+]

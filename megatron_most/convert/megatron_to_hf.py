@@ -43,10 +43,16 @@ import torch
 
 from megatron_most.convert import mapping
 from megatron_most.convert.check import (
-    DEFAULT_TOLERANCE, VerifyError, compare, has_audio, most_check_name, round_to, sample_batch,
+    DEFAULT_TOLERANCE,
+    VerifyError,
+    compare,
+    has_audio,
+    most_check_name,
+    round_to,
+    sample_batch,
 )
-from megatron_most.convert.output import atomic_output, check_output
 from megatron_most.convert.hf_to_megatron import CONFIG_NAME, DTYPES
+from megatron_most.convert.output import atomic_output, check_output
 from megatron_most.model.config import MoSTConfig
 from megatron_most.moe.config import MAMoEConfig
 from megatron_most.options import ConfigError
@@ -103,12 +109,16 @@ def plain_reasons(most: MoSTConfig) -> list[str]:
     if most.mamoe.variant != "vanilla":
         reasons.append(f"MAMoE routing (variant={most.mamoe.variant!r}) has no DeepSeek-V2 equivalent")
     if most.num_units or most.audio_feature_dim:
-        reasons.append(f"audio paths (num_units={most.num_units}, audio_feature_dim={most.audio_feature_dim}) "
-                       "add vocabulary rows and the audio projection")
+        reasons.append(
+            f"audio paths (num_units={most.num_units}, audio_feature_dim={most.audio_feature_dim}) "
+            "add vocabulary rows and the audio projection"
+        )
     shared = most.mamoe.shared_expert_size
     if shared == 0 or shared % most.moe_ffn_size:
-        reasons.append(f"shared_expert_size={shared}: transformers' DeepseekV2 needs a positive multiple of "
-                       f"moe_ffn_size={most.moe_ffn_size}")
+        reasons.append(
+            f"shared_expert_size={shared}: transformers' DeepseekV2 needs a positive multiple of "
+            f"moe_ffn_size={most.moe_ffn_size}"
+        )
     return reasons
 
 
@@ -117,13 +127,15 @@ def check_plain_deepseek(most: MoSTConfig) -> None:
     reasons = plain_reasons(most)
     if reasons:
         raise ExportError(
-            "this is a MoST model, not a plain DeepSeek-V2: " + "; ".join(reasons)
+            "this is a MoST model, not a plain DeepSeek-V2: "
+            + "; ".join(reasons)
             + ". The plain DeepSeek-V2 format cannot hold it: use the MoST remote-code export (--format most)."
         )
 
 
-def special_token_ids(most: MoSTConfig, tokenizer=None, bos_token_id: int | None = None,
-                      eos_token_id: int | None = None) -> dict:
+def special_token_ids(
+    most: MoSTConfig, tokenizer=None, bos_token_id: int | None = None, eos_token_id: int | None = None
+) -> dict:
     """bos/eos ids for config.json: the tokenizer's (from `tokenizer`, a directory), else the
     given ids, else DeepSeek-V2's (100000, 100001); each must be a text token id."""
     ids = {"bos_token_id": bos_token_id, "eos_token_id": eos_token_id}
@@ -165,8 +177,11 @@ def hf_config(most: MoSTConfig, dtype: torch.dtype, fmt: str = "deepseek_v2", **
 
         fields = hf_config_dict(most)
     else:
-        fields = dict(architectures=["DeepseekV2ForCausalLM"], model_type="deepseek_v2",
-                      **mapping.hf_config_fields(most, rope="scaling"))
+        fields = dict(
+            architectures=["DeepseekV2ForCausalLM"],
+            model_type="deepseek_v2",
+            **mapping.hf_config_fields(most, rope="scaling"),
+        )
     return {**fields, "use_cache": True, "torch_dtype": _DTYPE_NAMES[dtype], **overrides}
 
 
@@ -181,7 +196,9 @@ def hf_names(item: mapping.Item, fmt: str = "deepseek_v2") -> tuple[str, ...]:
     return item.hf_names(mapping.Source(item.rule.hf))
 
 
-def to_hf(item: mapping.Item, tensor: torch.Tensor, most: MoSTConfig, fmt: str = "deepseek_v2") -> list[tuple[str, torch.Tensor]]:
+def to_hf(
+    item: mapping.Item, tensor: torch.Tensor, most: MoSTConfig, fmt: str = "deepseek_v2"
+) -> list[tuple[str, torch.Tensor]]:
     """The HF tensors of one Megatron tensor (inverse of mapping.produce). The MoST format keeps
     the whole padded vocabulary and the MoST-only ("new") tensors."""
     names, kind = hf_names(item, fmt), item.rule.kind
@@ -230,8 +247,10 @@ class TorchDistReader:
         self.entries, _ = flatten_state_dict(template)
         self.reader = _CachedReader(str(self.dir))
         self.metadata = self.reader.read_metadata()
-        self.stored = {k: getattr(getattr(v, "properties", None), "dtype", None)
-                       for k, v in self.metadata.state_dict_metadata.items()}
+        self.stored = {
+            k: getattr(getattr(v, "properties", None), "dtype", None)
+            for k, v in self.metadata.state_dict_metadata.items()
+        }
 
     def stored_dtype(self, key: str) -> torch.dtype:
         entry = self.entries[key]
@@ -244,7 +263,9 @@ class TorchDistReader:
 
         entry, dtype = self.entries[key], self.stored_dtype(key)
         if entry.key not in self.stored:
-            raise ExportError(f"{self.dir}: the checkpoint has no tensor {entry.key!r} (for {key}): not a MoSTModel checkpoint of this config")
+            raise ExportError(
+                f"{self.dir}: the checkpoint has no tensor {entry.key!r} (for {key}): not a MoSTModel checkpoint of this config"
+            )
         if isinstance(entry, ShardedTensorFactory):
             real = dataclasses.replace(entry, data=torch.empty(entry.data.shape, dtype=dtype))
             built = real.build()
@@ -402,7 +423,7 @@ def copy_tokenizer(tokenizer_dir, out_dir: Path) -> list[str]:
 
 
 def choose_format(most: MoSTConfig, fmt: str = "auto") -> str:
-    """"deepseek_v2" (plain, transformers-native) or "most" (remote code) for `fmt` in FORMATS."""
+    """ "deepseek_v2" (plain, transformers-native) or "most" (remote code) for `fmt` in FORMATS."""
     if fmt not in FORMATS:
         raise ConfigError(f"format={fmt!r}: choose one of {FORMATS} (--format)")
     if fmt == "auto":
@@ -412,9 +433,20 @@ def choose_format(most: MoSTConfig, fmt: str = "auto") -> str:
     return fmt
 
 
-def export(megatron_dir, out_dir, *, tokenizer=None, max_shard_size=DEFAULT_MAX_SHARD_SIZE, dtype: torch.dtype | None = None,
-           fmt: str = "auto", bos_token_id: int | None = None, eos_token_id: int | None = None, verify: bool = False,
-           tolerance: float = DEFAULT_TOLERANCE, log=print) -> tuple[MoSTConfig, ExportStats]:
+def export(
+    megatron_dir,
+    out_dir,
+    *,
+    tokenizer=None,
+    max_shard_size=DEFAULT_MAX_SHARD_SIZE,
+    dtype: torch.dtype | None = None,
+    fmt: str = "auto",
+    bos_token_id: int | None = None,
+    eos_token_id: int | None = None,
+    verify: bool = False,
+    tolerance: float = DEFAULT_TOLERANCE,
+    log=print,
+) -> tuple[MoSTConfig, ExportStats]:
     """Export a MoST checkpoint as a Hugging Face checkpoint. Needs platform.initialize(ParallelLayout())
     in this (single) process. `fmt`: "deepseek_v2" (text-only vanilla models), "most" (remote
     code: MAMoE routing, audio paths) or "auto" (the plain format when the model fits it).
@@ -446,12 +478,16 @@ def export(megatron_dir, out_dir, *, tokenizer=None, max_shard_size=DEFAULT_MAX_
 
     stats = ExportStats()
     with atomic_output(out_dir) as tmp:
-        log(f"exporting {len(items)} tensors of {megatron_dir} into {tmp.name} ({fmt} format, {_DTYPE_NAMES[dtype]}, "
-            f"shards <= {max_bytes} bytes)")
+        log(
+            f"exporting {len(items)} tensors of {megatron_dir} into {tmp.name} ({fmt} format, {_DTYPE_NAMES[dtype]}, "
+            f"shards <= {max_bytes} bytes)"
+        )
         shards = _ShardWriter(tmp, max_bytes, stats)
         for item in items:
             tensor = reader.get(item.key)
-            stats.largest_megatron_tensor_bytes = max(stats.largest_megatron_tensor_bytes, tensor.numel() * tensor.element_size())
+            stats.largest_megatron_tensor_bytes = max(
+                stats.largest_megatron_tensor_bytes, tensor.numel() * tensor.element_size()
+            )
             for name, hf_tensor in to_hf(item, tensor, most, fmt):
                 shards.add(name, hf_tensor.to(dtype))
             del tensor
@@ -467,7 +503,9 @@ def export(megatron_dir, out_dir, *, tokenizer=None, max_shard_size=DEFAULT_MAX_
         if verify:
             _, ok = verify_export(megatron_dir, tmp, most, tolerance=tolerance, log=log)
             if not ok:
-                raise VerifyError(f"--verify FAILED: the export does not reproduce {megatron_dir}'s logits; nothing was written to {out_dir}")
+                raise VerifyError(
+                    f"--verify FAILED: the export does not reproduce {megatron_dir}'s logits; nothing was written to {out_dir}"
+                )
     log(f"wrote {out_dir}: {stats.tensors} tensors in {stats.shards} shard(s), {stats.bytes / 2**20:.1f} MiB")
     return most, stats
 
@@ -495,8 +533,17 @@ def _sample_ids(out_dir: Path, most: MoSTConfig, batch: int, seq: int, seed: int
     return torch.randint(0, most.text_vocab_size, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
 
-def verify_export(megatron_dir, out_dir, most: MoSTConfig, *, batch: int = 2, seq: int = 32,
-                  tolerance: float = DEFAULT_TOLERANCE, seed: int = 0, log=print) -> tuple[float, bool]:
+def verify_export(
+    megatron_dir,
+    out_dir,
+    most: MoSTConfig,
+    *,
+    batch: int = 2,
+    seq: int = 32,
+    tolerance: float = DEFAULT_TOLERANCE,
+    seed: int = 0,
+    log=print,
+) -> tuple[float, bool]:
     """Logits of the source MoSTModel (TP1, fp32, loaded from the torch_dist checkpoint, its
     weights rounded to the export's dtype) and of the model transformers loads from the export
     (fp32; the remote code for the MoST format) on the same inputs: SAMPLE_TEXT tokenized with the
@@ -533,5 +580,22 @@ def verify_export(megatron_dir, out_dir, most: MoSTConfig, *, batch: int = 2, se
     return diff, ok
 
 
-__all__ = ["export", "verify_export", "choose_format", "special_token_ids", "plain_reasons", "FORMATS", "load_most_config", "check_plain_deepseek", "hf_config", "to_hf", "hf_names",
-           "ExportError", "ExportStats", "TorchDistReader", "parse_size", "DTYPES", "ConfigError"]
+__all__ = [
+    "export",
+    "verify_export",
+    "choose_format",
+    "special_token_ids",
+    "plain_reasons",
+    "FORMATS",
+    "load_most_config",
+    "check_plain_deepseek",
+    "hf_config",
+    "to_hf",
+    "hf_names",
+    "ExportError",
+    "ExportStats",
+    "TorchDistReader",
+    "parse_size",
+    "DTYPES",
+    "ConfigError",
+]

@@ -27,7 +27,9 @@ def check_output(out_dir: Path) -> None:
             "(remove it or choose another --out)"
         )
     if any(out_dir.iterdir()):
-        raise FileExistsError(f"--out {out_dir} exists and is not empty: refusing to write into it (remove it or choose another --out)")
+        raise FileExistsError(
+            f"--out {out_dir} exists and is not empty: refusing to write into it (remove it or choose another --out)"
+        )
 
 
 @contextlib.contextmanager

@@ -52,13 +52,6 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 import torch
-from torch.distributed.checkpoint import FileSystemWriter
-from torch.distributed.checkpoint import save as dcp_save
-from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX, _write_item
-from torch.distributed.checkpoint.planner import SavePlan, WriteItem, WriteItemType
-from torch.futures import Future
-
 from megatron.core.dist_checkpointing.core import CONFIG_FNAME, CheckpointingConfig, save_config
 from megatron.core.dist_checkpointing.dict_utils import (
     dict_list_map_inplace,
@@ -82,6 +75,12 @@ from megatron.core.dist_checkpointing.strategies.torch import (
     flatten_state_dict,
     mcore_to_pyt_state_dict,
 )
+from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint import save as dcp_save
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX, _write_item
+from torch.distributed.checkpoint.planner import SavePlan, WriteItem, WriteItemType
+from torch.futures import Future
 
 Loader = Callable[[], torch.Tensor]
 ChunkId = tuple  # (sharded key, global offset): DCP's MetadataIndex(fqn, offset) of a chunk
@@ -191,7 +190,9 @@ class _LoaderPlanner(MCoreSavePlanner):
         factory = isinstance(entry.value, ShardedTensorFactory)
         if factory and isinstance(loaded, (list, tuple)):  # the factory's chunks, ready made
             if len(loaded) != len(entry.chunk_shapes):
-                raise ValueError(f"loader for {entry.key!r} returned {len(loaded)} chunks, not {len(entry.chunk_shapes)}")
+                raise ValueError(
+                    f"loader for {entry.key!r} returned {len(loaded)} chunks, not {len(entry.chunk_shapes)}"
+                )
             chunks = [self._checked(entry, t, shape, i) for i, (t, shape) in enumerate(zip(loaded, entry.chunk_shapes))]
         else:
             chunks = [self._checked(entry, loaded, entry.local_shape)]
@@ -210,7 +211,9 @@ class _LoaderPlanner(MCoreSavePlanner):
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"{what} returned {type(tensor).__name__}, not a tensor")
         if tuple(tensor.shape) != shape or tensor.dtype != entry.dtype:
-            raise ValueError(f"{what} returned {tuple(tensor.shape)} {tensor.dtype}; the template expects {shape} {entry.dtype}")
+            raise ValueError(
+                f"{what} returned {tuple(tensor.shape)} {tensor.dtype}; the template expects {shape} {entry.dtype}"
+            )
         return tensor.detach().cpu()
 
 

@@ -55,9 +55,11 @@ def _check_sizes(config: AudioTextDatasetConfig, sizes: list[int | None]) -> lis
         empty = config.blend_per_split is None and config.split_matrix[i] is None
         if size is None and empty:
             sizes[i] = 0  # the split ratio is 0: nothing to build
-        require(sizes[i] is not None or not weighted,
-                f"sizes[{i}] ({names[i]}) is None but the blend has weights {config.blend[1] if weighted else None}; "
-                "give the number of items for that split (a weighted blend is drawn to a length)")
+        require(
+            sizes[i] is not None or not weighted,
+            f"sizes[{i}] ({names[i]}) is None but the blend has weights {config.blend[1] if weighted else None}; "
+            "give the number of items for that split (a weighted blend is drawn to a length)",
+        )
     return sizes
 
 
@@ -97,8 +99,13 @@ class MicroBatchSampler:
 
 
 def data_loader(
-    dataset, micro_batch_size: int, *, data_parallel_rank: int = 0, data_parallel_size: int = 1,
-    consumed_samples: int = 0, num_workers: int = 0,
+    dataset,
+    micro_batch_size: int,
+    *,
+    data_parallel_rank: int = 0,
+    data_parallel_size: int = 1,
+    consumed_samples: int = 0,
+    num_workers: int = 0,
 ) -> torch.utils.data.DataLoader:
     """A DataLoader of collated micro batches for this data-parallel rank (tensor/pipeline peers of
     one DP rank get the same batches)."""
@@ -106,6 +113,9 @@ def data_loader(
         len(dataset), micro_batch_size, rank=data_parallel_rank, size=data_parallel_size, consumed=consumed_samples
     )
     return torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=collate,
+        num_workers=num_workers,
         persistent_workers=num_workers > 0,
     )

@@ -35,12 +35,19 @@ from megatron.core.datasets.utils import Split
 from megatron.core.utils import log_single_rank
 
 from megatron_most.data.indexed import (
-    FEATURE_DTYPE, FEATURE_STORAGE, FEATURES_SUFFIX, LOSS_MASK_SUFFIX, MASK_DTYPE, TOKEN_DTYPE, open_audio_text,
+    FEATURE_DTYPE,
+    FEATURE_STORAGE,
+    FEATURES_SUFFIX,
+    LOSS_MASK_SUFFIX,
+    MASK_DTYPE,
+    TOKEN_DTYPE,
+    open_audio_text,
 )
 from megatron_most.model.vocab import TokenLayout, check_vocab
 from megatron_most.options import ConfigError, require
 
 logger = logging.getLogger(__name__)
+
 
 @dataclasses.dataclass(kw_only=True)
 class AudioTextDatasetConfig(BlendedMegatronDatasetConfig):
@@ -204,7 +211,12 @@ class AudioTextDataset(MegatronDataset):
     @staticmethod
     def _key_config_attributes() -> list[str]:
         return MegatronDataset._key_config_attributes() + [
-            "text_vocab_size", "num_units", "feature_dim", "pad_id", "create_attention_mask", "pack",
+            "text_vocab_size",
+            "num_units",
+            "feature_dim",
+            "pad_id",
+            "create_attention_mask",
+            "pack",
         ]
 
     def _build_index(self) -> tuple[np.ndarray, np.ndarray, int]:

@@ -81,7 +81,9 @@ class AudioTextWriter:
         self.feature_dim = feature_dim
         self._tmp = f"{self.prefix}.partial"
         self._parts = component_prefixes(self._tmp, feature_dim > 0)
-        self._builders = {name: IndexedDatasetBuilder(p + ".bin", dtype=_DTYPES[name]) for name, p in self._parts.items()}
+        self._builders = {
+            name: IndexedDatasetBuilder(p + ".bin", dtype=_DTYPES[name]) for name, p in self._parts.items()
+        }
         self.samples = 0
         self.tokens = 0
 
@@ -116,8 +118,9 @@ class AudioTextWriter:
         """Write the indexes, rename every file into place, then write P.json (the completion mark)."""
         for name, builder in self._builders.items():
             builder.finalize(self._parts[name] + ".idx")
-        return _publish(self._parts, self.prefix, self.feature_dim,
-                        {**header, "samples": self.samples, "tokens": self.tokens})
+        return _publish(
+            self._parts, self.prefix, self.feature_dim, {**header, "samples": self.samples, "tokens": self.tokens}
+        )
 
     def abort(self) -> None:
         """Close and delete the temporary files (nothing at the final names is touched)."""
@@ -136,8 +139,10 @@ def concatenate(prefixes: list[str], output, header: dict[str, Any]) -> dict[str
     feature_dim = headers[0]["feature_dim"] if headers else header["feature_dim"]
     for prefix, h in zip(prefixes, headers):
         if h["feature_dim"] != feature_dim:
-            raise DatasetFormatError(f"{header_path(prefix)}: feature_dim {h['feature_dim']} differs from "
-                                     f"{feature_dim} of {header_path(prefixes[0])}")
+            raise DatasetFormatError(
+                f"{header_path(prefix)}: feature_dim {h['feature_dim']} differs from "
+                f"{feature_dim} of {header_path(prefixes[0])}"
+            )
     tmp = component_prefixes(f"{output}.partial", feature_dim > 0)
     try:
         for name, part in tmp.items():
@@ -383,7 +388,7 @@ def _scan_tokens(prefix: str, h: dict, lengths: np.ndarray, feature_lengths: np.
     data = np.memmap(f"{prefix}.bin", dtype=TOKEN_DTYPE, mode="r") if total else np.zeros(0, TOKEN_DTYPE)
     feats = np.zeros(len(lengths), np.int64)
     for start in range(0, total, _SCAN_CHUNK):
-        chunk = np.asarray(data[start:start + _SCAN_CHUNK])
+        chunk = np.asarray(data[start : start + _SCAN_CHUNK])
         bad = np.flatnonzero((chunk < 0) | (chunk >= vocab))
         if len(bad):
             pos = start + int(bad[0])
@@ -465,12 +470,18 @@ def merge_datasets(inputs: list[str], output: str, *, overwrite: bool = False) -
     for _, h in headers:
         for reason, n in h.get("rejected_by_reason", {}).items():
             reasons[reason] = reasons.get(reason, 0) + n
-    merged = {**{k: v for k, v in first.items() if k not in ("shards", "inputs")},
-              "task": tasks, "num_units": with_units["num_units"], "codebook": with_units.get("codebook"),
-              "codebook_sha256": with_units.get("codebook_sha256"), "units_layer": with_units.get("units_layer"),
-              "audio_seconds": sum(h.get("audio_seconds", 0.0) for _, h in headers),
-              "rejected": sum(h.get("rejected", 0) for _, h in headers), "rejected_by_reason": reasons,
-              "sources": [p for p, _ in headers]}
+    merged = {
+        **{k: v for k, v in first.items() if k not in ("shards", "inputs")},
+        "task": tasks,
+        "num_units": with_units["num_units"],
+        "codebook": with_units.get("codebook"),
+        "codebook_sha256": with_units.get("codebook_sha256"),
+        "units_layer": with_units.get("units_layer"),
+        "audio_seconds": sum(h.get("audio_seconds", 0.0) for _, h in headers),
+        "rejected": sum(h.get("rejected", 0) for _, h in headers),
+        "rejected_by_reason": reasons,
+        "sources": [p for p, _ in headers],
+    }
     for key in ("samples", "tokens", "format", "version"):
         merged.pop(key, None)
     return concatenate([p for p, _ in headers], out, merged)

@@ -102,8 +102,11 @@ def _json_object(line: str) -> dict[str, Any]:
 
 def _speech(record: dict, base: Path, default_id: str) -> SpeechSample:
     return SpeechSample(
-        id=_id(record, None), audio=_audio_path(_string(record, "audio"), base), text=_string(record, "text"),
-        speaker=_optional_string(record, "speaker"), duration=_duration(record),
+        id=_id(record, None),
+        audio=_audio_path(_string(record, "audio"), base),
+        text=_string(record, "text"),
+        speaker=_optional_string(record, "speaker"),
+        duration=_duration(record),
     )
 
 
@@ -132,7 +135,7 @@ def _turn(message: Any, where: str, base: Path) -> Turn:
     content = message.get("content")
     if isinstance(content, dict):  # {"content": {"audio": path}}
         if set(content) != {"audio"}:
-            raise _Bad(f"{where}.content: an object content must be {{\"audio\": path}}, got keys {sorted(content)}")
+            raise _Bad(f'{where}.content: an object content must be {{"audio": path}}, got keys {sorted(content)}')
         if "audio" in message:
             raise _Bad(f"{where}: both 'audio' and 'content.audio'; give one")
         message, where = content, f"{where}.content"
@@ -153,8 +156,10 @@ def _check_order(turns: tuple[Turn, ...]) -> None:
     for i, turn in enumerate(turns[start:], start=start):
         expected = "user" if (i - start) % 2 == 0 else "assistant"
         if turn.role != expected:
-            raise _Bad(f"messages[{i}].role={turn.role!r}: expected {expected!r} (an optional system turn first, "
-                       "then user/assistant turns alternating)")
+            raise _Bad(
+                f"messages[{i}].role={turn.role!r}: expected {expected!r} (an optional system turn first, "
+                "then user/assistant turns alternating)"
+            )
     if turns[-1].role != "assistant":
         raise _Bad(f"messages[{len(turns) - 1}] is a user turn with no assistant reply after it")
 
@@ -210,4 +215,5 @@ def _audio_path(value: str, base: Path) -> str:
 
 def _type(value: Any) -> str:
     return {dict: "object", list: "list", str: "string", bool: "boolean", type(None): "null"}.get(
-        type(value), type(value).__name__)
+        type(value), type(value).__name__
+    )

@@ -44,8 +44,15 @@ MANIFEST_KIND = {"asr": "speech", "tts": "speech", "lm": "text", "instruct": "in
 CODE_VERSION = 2
 # Files that define a HF tokenizer (its directory may also hold the model's weights: ~31 GB for
 # DeepSeek-V2-Lite, which must not be read just to fingerprint the tokenizer).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
-                   "vocab.json", "merges.txt", "added_tokens.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+)
 HUBERT_FILES = ("config.json", "preprocessor_config.json")
 HUBERT_WEIGHTS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
 UNITS_LAYER = 11  # mHuBERT-base layer the release clusters (MOST_SPEC.md "Audio paths")
@@ -111,26 +118,39 @@ class PreprocessOptions:
         require(self.device in ("auto", "cpu", "gpu"), f"device={self.device!r}: use auto, cpu or gpu")
         require(self.max_batch_seconds > 0, f"max_batch_seconds={self.max_batch_seconds}: must be > 0")
         require(self.max_seconds > 0, f"max_seconds={self.max_seconds}: must be > 0 (e.g. 60)")
-        require(self.max_tokens is None or self.max_tokens >= 2,
-                f"max_tokens={self.max_tokens}: must be >= 2 (the model's seq_length + 1) or None for no limit")
-        require(isinstance(self.templates, TemplateOptions),
-                f"templates={type(self.templates).__name__}: must be a TemplateOptions "
-                "(TemplateOptions.from_dict(json) for a --template-config file)")
+        require(
+            self.max_tokens is None or self.max_tokens >= 2,
+            f"max_tokens={self.max_tokens}: must be >= 2 (the model's seq_length + 1) or None for no limit",
+        )
+        require(
+            isinstance(self.templates, TemplateOptions),
+            f"templates={type(self.templates).__name__}: must be a TemplateOptions "
+            "(TemplateOptions.from_dict(json) for a --template-config file)",
+        )
         if self.task == "lm":
-            require(self.mode == "units", "mode='features' with task='lm': text samples have no audio; "
-                                          "use mode='units' (the default)")
+            require(
+                self.mode == "units",
+                "mode='features' with task='lm': text samples have no audio; use mode='units' (the default)",
+            )
         elif self.task in ("asr", "tts") or self.mode == "features":
             # instruct in features mode needs the feature dimension for the layout of the whole dataset
-            require(self.hubert is not None, f"hubert=None with task={self.task!r}, mode={self.mode!r}: pass "
-                                              "--hubert DIR (a transformers HubertModel directory)"
-                                              + ("; text-only instruct data packs in mode 'units' without it"
-                                                 if self.task == "instruct" else ""))
-        needs_units = (self.task == "tts" or (self.task == "asr" and self.mode == "units")
-                       or (self.task == "instruct" and self.mode == "units" and self.hubert is not None))
-        require(not needs_units or self.units is not None,
-                f"units=None with task={self.task!r}, mode={self.mode!r}: unit tokens are produced; pass "
-                "--units CODEBOOK (tools/train_units.py)"
-                + ("; or drop --hubert to pack text-only instruct samples" if self.task == "instruct" else ""))
+            require(
+                self.hubert is not None,
+                f"hubert=None with task={self.task!r}, mode={self.mode!r}: pass "
+                "--hubert DIR (a transformers HubertModel directory)"
+                + ("; text-only instruct data packs in mode 'units' without it" if self.task == "instruct" else ""),
+            )
+        needs_units = (
+            self.task == "tts"
+            or (self.task == "asr" and self.mode == "units")
+            or (self.task == "instruct" and self.mode == "units" and self.hubert is not None)
+        )
+        require(
+            not needs_units or self.units is not None,
+            f"units=None with task={self.task!r}, mode={self.mode!r}: unit tokens are produced; pass "
+            "--units CODEBOOK (tools/train_units.py)"
+            + ("; or drop --hubert to pack text-only instruct samples" if self.task == "instruct" else ""),
+        )
         for path in self.inputs:
             require(Path(path).is_file(), f"inputs: manifest {path!r} does not exist")
 
@@ -163,12 +183,22 @@ class Plan:
     def header(self) -> dict[str, Any]:
         """The dataset header fields that describe content (counts are added by the writer)."""
         return {
-            "task": self.task, "mode": self.mode, "text_vocab_size": self.text_vocab_size,
-            "num_units": self.num_units, "feature_dim": self.feature_dim, "tokenizer": self.tokenizer,
-            "tokenizer_sha256": self.tokenizer_sha256, "hubert": self.hubert, "hubert_sha256": self.hubert_sha256,
+            "task": self.task,
+            "mode": self.mode,
+            "text_vocab_size": self.text_vocab_size,
+            "num_units": self.num_units,
+            "feature_dim": self.feature_dim,
+            "tokenizer": self.tokenizer,
+            "tokenizer_sha256": self.tokenizer_sha256,
+            "hubert": self.hubert,
+            "hubert_sha256": self.hubert_sha256,
             "hubert_layer": self.features_layer if self.mode == "features" else self.units_layer,
-            "units_layer": self.units_layer, "codebook": self.codebook, "codebook_sha256": self.codebook_sha256,
-            "max_seconds": self.max_seconds, "max_tokens": self.max_tokens, "templates": dict(self.templates),
+            "units_layer": self.units_layer,
+            "codebook": self.codebook,
+            "codebook_sha256": self.codebook_sha256,
+            "max_seconds": self.max_seconds,
+            "max_tokens": self.max_tokens,
+            "templates": dict(self.templates),
             "code_version": self.code_version,
         }
 
@@ -188,9 +218,11 @@ def make_plan(opts: PreprocessOptions, log=print) -> Plan:
     if opts.hubert:
         _check_device(opts.device)
     text_vocab = opts.text_vocab_size or tokenizer.vocab_size
-    require(text_vocab >= tokenizer.vocab_size,
-            f"text_vocab_size={text_vocab}: smaller than the tokenizer's {tokenizer.vocab_size} ids; "
-            "leave it unset or use the model's text table size")
+    require(
+        text_vocab >= tokenizer.vocab_size,
+        f"text_vocab_size={text_vocab}: smaller than the tokenizer's {tokenizer.vocab_size} ids; "
+        "leave it unset or use the model's text table size",
+    )
     codebook = _load_codebook(opts.units) if opts.units else None
     depth = dim = None
     if opts.hubert:
@@ -199,16 +231,21 @@ def make_plan(opts: PreprocessOptions, log=print) -> Plan:
     if codebook is not None:
         units_layer = _units_layer(opts, codebook, depth, log)
         cdim = int(codebook.centroids.shape[1])
-        require(dim is None or cdim == dim,
-                f"units={opts.units!r}: centroids have dimension {cdim} but the HuBERT at {opts.hubert!r} has "
-                f"hidden size {dim}; use the codebook fitted on this HuBERT")
+        require(
+            dim is None or cdim == dim,
+            f"units={opts.units!r}: centroids have dimension {cdim} but the HuBERT at {opts.hubert!r} has "
+            f"hidden size {dim}; use the codebook fitted on this HuBERT",
+        )
     if opts.mode == "features" and opts.task != "lm":
         features_layer = depth if opts.layer is None else _check_layer(opts.layer, depth, "layer")
     return Plan(
-        task=opts.task, mode=opts.mode, text_vocab_size=text_vocab,
+        task=opts.task,
+        mode=opts.mode,
+        text_vocab_size=text_vocab,
         num_units=int(codebook.centroids.shape[0]) if codebook is not None else 0,
         feature_dim=dim if opts.mode == "features" else 0,
-        features_layer=features_layer, units_layer=units_layer,
+        features_layer=features_layer,
+        units_layer=units_layer,
         tokenizer=str(Path(opts.tokenizer).resolve()),
         tokenizer_sha256=_sha256(opts.tokenizer, TOKENIZER_FILES + ("*.model",)),
         hubert=str(Path(opts.hubert).resolve()) if opts.hubert else None,
@@ -216,7 +253,9 @@ def make_plan(opts: PreprocessOptions, log=print) -> Plan:
         codebook=str(Path(opts.units).resolve()) if opts.units else None,
         codebook_sha256=_sha256(opts.units) if opts.units else None,
         inputs=tuple((str(Path(p).resolve()), Path(p).stat().st_size, Path(p).stat().st_mtime_ns) for p in opts.inputs),
-        shard_size=opts.shard_size, max_seconds=opts.max_seconds, max_tokens=opts.max_tokens,
+        shard_size=opts.shard_size,
+        max_seconds=opts.max_seconds,
+        max_tokens=opts.max_tokens,
         templates=dataclasses.asdict(opts.templates),
     )
 
@@ -231,12 +270,15 @@ def _hubert_shape(path: str) -> tuple[int, int]:
     from transformers import HubertConfig
 
     directory = Path(path)
-    require(directory.is_dir() and (directory / "config.json").is_file(),
-            f"hubert={path!r}: no config.json there; pass a transformers HubertModel directory "
-            "(save_pretrained output: config.json + model.safetensors)")
-    require(any(any(directory.glob(pattern)) for pattern in HUBERT_WEIGHTS),
-            f"hubert={path!r}: no weights (model.safetensors / pytorch_model.bin); pass the complete "
-            "HubertModel directory")
+    require(
+        directory.is_dir() and (directory / "config.json").is_file(),
+        f"hubert={path!r}: no config.json there; pass a transformers HubertModel directory "
+        "(save_pretrained output: config.json + model.safetensors)",
+    )
+    require(
+        any(any(directory.glob(pattern)) for pattern in HUBERT_WEIGHTS),
+        f"hubert={path!r}: no weights (model.safetensors / pytorch_model.bin); pass the complete HubertModel directory",
+    )
     try:
         config = HubertConfig.from_pretrained(path)
     except (OSError, ValueError) as err:
@@ -255,8 +297,10 @@ def _load_codebook(path: str):
 def _units_layer(opts: PreprocessOptions, codebook, depth: int | None, log) -> int:
     fitted = getattr(codebook, "layer", None)
     if fitted is not None and opts.layer is not None and opts.mode == "units" and opts.layer != fitted:
-        raise ConfigError(f"layer={opts.layer}: the codebook {opts.units!r} was fitted on layer {fitted}; units "
-                          f"of another layer are meaningless; drop --layer or pass --layer {fitted}")
+        raise ConfigError(
+            f"layer={opts.layer}: the codebook {opts.units!r} was fitted on layer {fitted}; units "
+            f"of another layer are meaningless; drop --layer or pass --layer {fitted}"
+        )
     if fitted is not None:
         return _check_layer(int(fitted), depth, "codebook layer")
     if opts.mode == "units" and opts.layer is not None:
@@ -268,8 +312,10 @@ def _units_layer(opts: PreprocessOptions, codebook, depth: int | None, log) -> i
 
 
 def _check_layer(layer: int, depth: int | None, name: str) -> int:
-    require(depth is None or 0 <= layer <= depth,
-            f"{name}={layer}: the HuBERT has hidden_states 0..{depth} (0 = after the feature projection)")
+    require(
+        depth is None or 0 <= layer <= depth,
+        f"{name}={layer}: the HuBERT has hidden_states 0..{depth} (0 = after the feature projection)",
+    )
     return layer
 
 
@@ -386,17 +432,30 @@ class ShardWorker:
         layers = {layer for layer in (plan.features_layer, plan.units_layer) if layer is not None}
         depth = _hubert_shape(opts.hubert)[0]
         # layer None for the last one: no output_hidden_states, so no copies of every layer's activations
-        self.encoders = {layer: HubertEncoder(opts.hubert, layer=None if layer == depth else layer, device=device,
-                                              max_batch_samples=int(opts.max_batch_seconds * SAMPLE_RATE))
-                         for layer in sorted(layers)}
+        self.encoders = {
+            layer: HubertEncoder(
+                opts.hubert,
+                layer=None if layer == depth else layer,
+                device=device,
+                max_batch_samples=int(opts.max_batch_seconds * SAMPLE_RATE),
+            )
+            for layer in sorted(layers)
+        }
         if opts.units:
             self.codebook = _load_codebook(opts.units)
         # Clips shorter than the encoder's receptive field (400 samples for HuBERT, more with extra
         # convs) are rejected per sample by the loader; HubertEncoder would fail the whole batch.
         min_samples = max([400] + [e.min_samples for e in self.encoders.values()])
-        self.loader = AudioLoader(AudioOptions(sample_rate=SAMPLE_RATE, max_seconds=opts.max_seconds,
-                                               min_samples=min_samples, batch_size=opts.batch_size,
-                                               num_threads=max(1, self.threads), device=opts.device))
+        self.loader = AudioLoader(
+            AudioOptions(
+                sample_rate=SAMPLE_RATE,
+                max_seconds=opts.max_seconds,
+                min_samples=min_samples,
+                batch_size=opts.batch_size,
+                num_threads=max(1, self.threads),
+                device=opts.device,
+            )
+        )
 
     def run(self, shard: Shard, shards_dir: Path, progress=None) -> dict:
         """Pack one shard; return its header (counts). Partial files of an earlier attempt are replaced."""
@@ -410,7 +469,7 @@ class ShardWorker:
         model_before = self.model_seconds
         with RejectsWriter(rejects_tmp) as rejects:
             for start in range(0, len(shard.items), self.opts.batch_size):
-                batch = shard.items[start:start + self.opts.batch_size]
+                batch = shard.items[start : start + self.opts.batch_size]
                 self._pack_batch(batch, writer, rejects, stats)
                 if progress is not None:
                     progress(len(batch))
@@ -418,12 +477,19 @@ class ShardWorker:
         for reason, n in rejects.counts.items():
             by_kind[reason_kind(reason)] += n
         os.replace(rejects_tmp, f"{prefix}.rejects.jsonl")
-        return writer.finalize({
-            **self.plan.header(), "audio_seconds": stats["audio_samples"] / SAMPLE_RATE,
-            "rejected": rejects.total, "rejected_by_reason": dict(by_kind.most_common()),
-            "split_documents": stats["split_documents"], "split_chunks": stats["split_chunks"],
-            "model_seconds": self.model_seconds - model_before, "shard": shard.index, "lines": len(shard.items),
-        })
+        return writer.finalize(
+            {
+                **self.plan.header(),
+                "audio_seconds": stats["audio_samples"] / SAMPLE_RATE,
+                "rejected": rejects.total,
+                "rejected_by_reason": dict(by_kind.most_common()),
+                "split_documents": stats["split_documents"],
+                "split_chunks": stats["split_chunks"],
+                "model_seconds": self.model_seconds - model_before,
+                "shard": shard.index,
+                "lines": len(shard.items),
+            }
+        )
 
     def _pack_batch(self, batch, writer, rejects, stats) -> None:
         from megatron_most.data.templates import RenderError, audio_refs, render
@@ -447,8 +513,15 @@ class ShardWorker:
                 rejects.write(source, line, sample.id, Rejected(f"audio {segments[bad].reason}; file {bad}"))
                 continue
             try:
-                out = render(self.opts.task, sample, {p: segments[p] for p, _ in refs}, self.tokenizer, self.layout,
-                             self.templates, mode=self.plan.mode)
+                out = render(
+                    self.opts.task,
+                    sample,
+                    {p: segments[p] for p, _ in refs},
+                    self.tokenizer,
+                    self.layout,
+                    self.templates,
+                    mode=self.plan.mode,
+                )
             except RenderError as err:
                 rejects.write(source, line, sample.id, Rejected(f"render: {err}"))
                 continue
@@ -466,14 +539,16 @@ class ShardWorker:
         from megatron_most.rejects import Rejected
 
         if refs and self.opts.hubert is None:
-            return Rejected(f"audio needs --hubert: this run packs text-only samples (no --hubert given); "
-                            f"file {refs[0][0]}")
+            return Rejected(
+                f"audio needs --hubert: this run packs text-only samples (no --hubert given); file {refs[0][0]}"
+            )
         if self.opts.units is None:
             for path, is_response in refs:
                 if is_response or self.plan.mode == "units":
                     what = "spoken reply" if is_response else "audio in units mode"
-                    return Rejected(f"{what} needs --units: unit tokens need a codebook (tools/train_units.py); "
-                                    f"file {path}")
+                    return Rejected(
+                        f"{what} needs --units: unit tokens need a codebook (tools/train_units.py); file {path}"
+                    )
         return None
 
     def _limit_length(self, out, stats):
@@ -488,9 +563,9 @@ class ShardWorker:
             return Rejected(f"too long: {n} tokens > {limit} (max_tokens)")
         chunks = []
         for start in range(0, n, limit):
-            mask = out.loss_mask[start:start + limit].copy()
+            mask = out.loss_mask[start : start + limit].copy()
             mask[0] = 0  # like the lm template's first token: nothing in this sample predicts it
-            chunks.append((out.tokens[start:start + limit], mask, None))
+            chunks.append((out.tokens[start : start + limit], mask, None))
         stats["split_documents"] += 1
         stats["split_chunks"] += len(chunks)
         return chunks
@@ -517,8 +592,12 @@ class ShardWorker:
         segments: dict[str, Any] = {p: w for p, w in loaded.items() if isinstance(w, Rejected)}
         features = {}  # (layer, path) -> [frames, dim] float16 tensor
         for layer, encoder in self.encoders.items():
-            wanted = [p for p in waves if (p in need_features and layer == self.plan.features_layer)
-                      or (p in need_units and layer == self.plan.units_layer)]
+            wanted = [
+                p
+                for p in waves
+                if (p in need_features and layer == self.plan.features_layer)
+                or (p in need_units and layer == self.plan.units_layer)
+            ]
             features.update({(layer, p): f for p, f in self._encode(encoder, wanted, waves).items()})
         for path in waves:
             segment = AudioSegment()
@@ -590,9 +669,11 @@ def preprocess(opts: PreprocessOptions, *, log=print) -> dict:
 
 def _check_output(opts: PreprocessOptions, prefix: Path) -> None:
     if indexed.header_path(prefix).exists() and not opts.overwrite:
-        raise ConfigError(f"output_prefix={str(prefix)!r}: a complete dataset is already there "
-                          f"({indexed.header_path(prefix)}); pass --overwrite to replace it or choose "
-                          "another --output-prefix")
+        raise ConfigError(
+            f"output_prefix={str(prefix)!r}: a complete dataset is already there "
+            f"({indexed.header_path(prefix)}); pass --overwrite to replace it or choose "
+            "another --output-prefix"
+        )
 
 
 def _prepare_output(opts: PreprocessOptions, prefix: Path, shards_dir: Path) -> None:
@@ -664,8 +745,9 @@ def _run_pool(opts, plan, shards_dir: Path, shards: Iterator[Shard], bar, header
     counter = ctx.Value("q", 0)
     seen = 0
     # ProcessPoolExecutor (not Pool): a worker that dies raises BrokenProcessPool instead of hanging.
-    pool = ProcessPoolExecutor(opts.workers, mp_context=ctx, initializer=_init_worker,
-                               initargs=(opts, plan, threads, counter, os.getpid()))
+    pool = ProcessPoolExecutor(
+        opts.workers, mp_context=ctx, initializer=_init_worker, initargs=(opts, plan, threads, counter, os.getpid())
+    )
     try:
         pending = set()
         for shard in shards:
@@ -696,8 +778,9 @@ def _collect(pending, headers, bar, counter, seen, wait, when):
 def _progress_bar(opts: PreprocessOptions, total: int):
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="line", desc="preprocess", file=sys.stderr, disable=not opts.progress,
-                dynamic_ncols=True)
+    return tqdm(
+        total=total, unit="line", desc="preprocess", file=sys.stderr, disable=not opts.progress, dynamic_ncols=True
+    )
 
 
 def _merge_shards(plan: Plan, prefix: Path, shards_dir: Path, headers: list[dict]) -> dict:
@@ -709,13 +792,20 @@ def _merge_shards(plan: Plan, prefix: Path, shards_dir: Path, headers: list[dict
                 shutil.copyfileobj(f, rejects)
             reasons.update(h["rejected_by_reason"])
     os.replace(rejects_tmp, f"{prefix}.rejects.jsonl")
-    return indexed.concatenate([str(shard_prefix(shards_dir, h["shard"])) for h in headers], prefix, {
-        **plan.header(), "audio_seconds": sum(h["audio_seconds"] for h in headers),
-        "rejected": sum(reasons.values()), "rejected_by_reason": dict(reasons.most_common()),
-        "split_documents": sum(h.get("split_documents", 0) for h in headers),
-        "split_chunks": sum(h.get("split_chunks", 0) for h in headers),
-        "shards": len(headers), "inputs": [p for p, _, _ in plan.inputs],
-    })
+    return indexed.concatenate(
+        [str(shard_prefix(shards_dir, h["shard"])) for h in headers],
+        prefix,
+        {
+            **plan.header(),
+            "audio_seconds": sum(h["audio_seconds"] for h in headers),
+            "rejected": sum(reasons.values()),
+            "rejected_by_reason": dict(reasons.most_common()),
+            "split_documents": sum(h.get("split_documents", 0) for h in headers),
+            "split_chunks": sum(h.get("split_chunks", 0) for h in headers),
+            "shards": len(headers),
+            "inputs": [p for p, _, _ in plan.inputs],
+        },
+    )
 
 
 def _validate_output(prefix: Path) -> None:
@@ -730,7 +820,12 @@ def _validate_output(prefix: Path) -> None:
 
 def summary_line(header: dict) -> str:
     reasons = ", ".join(f"{k}: {v}" for k, v in header.get("rejected_by_reason", {}).items())
-    split = (f"; split {header['split_documents']} long documents into {header['split_chunks']} chunks"
-             if header.get("split_documents") else "")
-    return (f"packed {header['samples']} samples, {header['audio_seconds'] / 3600:.3f} audio hours, "
-            f"{header['tokens']} tokens{split}; rejected {header['rejected']}" + (f" ({reasons})" if reasons else ""))
+    split = (
+        f"; split {header['split_documents']} long documents into {header['split_chunks']} chunks"
+        if header.get("split_documents")
+        else ""
+    )
+    return (
+        f"packed {header['samples']} samples, {header['audio_seconds'] / 3600:.3f} audio hours, "
+        f"{header['tokens']} tokens{split}; rejected {header['rejected']}" + (f" ({reasons})" if reasons else "")
+    )

@@ -114,8 +114,9 @@ def _parse(template: str, name: str, allowed: frozenset, required: frozenset) ->
         if placeholder is None:
             continue
         if placeholder not in allowed or spec or conversion:
-            raise ConfigError(f"{field}: unknown placeholder {{{placeholder}}}; allowed: "
-                              f"{sorted('{' + a + '}' for a in allowed)}")
+            raise ConfigError(
+                f"{field}: unknown placeholder {{{placeholder}}}; allowed: {sorted('{' + a + '}' for a in allowed)}"
+            )
         if placeholder in seen:
             raise ConfigError(f"{field}: {{{placeholder}}} appears twice; use it once")
         seen.append(placeholder)
@@ -138,14 +139,24 @@ def audio_refs(task: str, sample) -> list[tuple[str, bool]]:
     return [(turn.audio, turn.role == "assistant") for turn in sample.turns if turn.audio is not None]
 
 
-def render(task: str, sample, audio: dict[str, AudioSegment], tokenizer: TextTokenizer, layout: TokenLayout,
-           options: TemplateOptions, *, mode: str) -> Rendered:
+def render(
+    task: str,
+    sample,
+    audio: dict[str, AudioSegment],
+    tokenizer: TextTokenizer,
+    layout: TokenLayout,
+    options: TemplateOptions,
+    *,
+    mode: str,
+) -> Rendered:
     """Token ids, loss mask and <feat> frames of one sample; RenderError if its audio is unusable."""
     _check_task(task, sample)
     require(mode in MODES, f"mode={mode!r}: must be one of {MODES}")
-    require(tokenizer.vocab_size <= layout.text_vocab_size,
-            f"tokenizer {tokenizer.name}: {tokenizer.vocab_size} ids do not fit text_vocab_size="
-            f"{layout.text_vocab_size}; use the base model's tokenizer or a larger text_vocab_size")
+    require(
+        tokenizer.vocab_size <= layout.text_vocab_size,
+        f"tokenizer {tokenizer.name}: {tokenizer.vocab_size} ids do not fit text_vocab_size="
+        f"{layout.text_vocab_size}; use the base model's tokenizer or a larger text_vocab_size",
+    )
     builder = _Builder(tokenizer, layout, audio, mode)
     if task == "lm":
         builder.add(options.parts("lm"), {"text": sample.text}, target=True)
@@ -170,8 +181,10 @@ def _pairs(task: str, sample, options: TemplateOptions) -> list[tuple[dict[str, 
         instruction = turns.pop(0).text
     if not turns or len(turns) % 2 or any(t.role != ("user", "assistant")[i % 2] for i, t in enumerate(turns)):
         raise RenderError(f"sample {sample.id}: turns must be an optional system turn, then user/assistant pairs")
-    return [({"instruction": instruction, "input": _value(user)}, {"output": _value(reply)})
-            for user, reply in zip(turns[::2], turns[1::2])]
+    return [
+        ({"instruction": instruction, "input": _value(user)}, {"output": _value(reply)})
+        for user, reply in zip(turns[::2], turns[1::2])
+    ]
 
 
 def _value(turn: Turn) -> Value:
@@ -181,9 +194,11 @@ def _value(turn: Turn) -> Value:
 def _check_task(task: str, sample) -> None:
     expected = {"asr": SpeechSample, "tts": SpeechSample, "lm": TextSample, "instruct": InstructSample}
     require(task in expected, f"task={task!r}: must be one of {TASKS}")
-    require(isinstance(sample, expected[task]),
-            f"task={task!r} needs {expected[task].__name__} samples, got {type(sample).__name__}; "
-            f"read the manifest with the kind that matches the task")
+    require(
+        isinstance(sample, expected[task]),
+        f"task={task!r} needs {expected[task].__name__} samples, got {type(sample).__name__}; "
+        f"read the manifest with the kind that matches the task",
+    )
 
 
 class _Builder:
@@ -226,8 +241,10 @@ class _Builder:
     def _emit_audio(self, path: str, target: bool) -> None:
         layout = self.layout
         if not layout.audio:
-            raise ConfigError("the token layout has no audio tokens (audio=False); use a layout with num_units or "
-                              "audio features for audio tasks")
+            raise ConfigError(
+                "the token layout has no audio tokens (audio=False); use a layout with num_units or "
+                "audio features for audio tasks"
+            )
         segment = self.audio.get(path)
         if segment is None:
             raise RenderError(f"audio {path}: not loaded (missing from the audio dict)")
@@ -257,17 +274,23 @@ class _Builder:
 def _units(segment: AudioSegment, path: str, layout: TokenLayout, mode: str, target: bool) -> np.ndarray:
     if segment.units is None:
         where = "a response (the model predicts units, also in features mode)" if target else "a prompt in units mode"
-        raise ConfigError(f"audio {path}: {where} needs unit ids but none were computed; give a codebook "
-                          "(k-means over HuBERT features, tools/train_units.py)")
+        raise ConfigError(
+            f"audio {path}: {where} needs unit ids but none were computed; give a codebook "
+            "(k-means over HuBERT features, tools/train_units.py)"
+        )
     if layout.num_units == 0:
-        raise ConfigError(f"audio {path}: unit tokens are needed but the token layout has num_units=0; set "
-                          "num_units to the codebook size")
+        raise ConfigError(
+            f"audio {path}: unit tokens are needed but the token layout has num_units=0; set "
+            "num_units to the codebook size"
+        )
     units = np.asarray(segment.units)
     if units.ndim != 1 or units.size == 0:
         raise RenderError(f"audio {path}: units must be a non-empty 1-D array, got shape {units.shape}")
     if units.min() < 0 or units.max() >= layout.num_units:
-        raise RenderError(f"audio {path}: unit ids must lie in [0, {layout.num_units}), got "
-                          f"[{int(units.min())}, {int(units.max())}]; the codebook and num_units disagree")
+        raise RenderError(
+            f"audio {path}: unit ids must lie in [0, {layout.num_units}), got "
+            f"[{int(units.min())}, {int(units.max())}]; the codebook and num_units disagree"
+        )
     return units
 
 

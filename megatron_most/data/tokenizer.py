@@ -17,8 +17,16 @@ from megatron_most.options import ConfigError
 class TextTokenizer:
     """Uniform view of a tokenizer: encode without special tokens, decode, bos/eos ids."""
 
-    def __init__(self, *, name: str, vocab_size: int, bos: int, eos: int,
-                 encode: Callable[[str], list[int]], decode: Callable[[list[int]], str]):
+    def __init__(
+        self,
+        *,
+        name: str,
+        vocab_size: int,
+        bos: int,
+        eos: int,
+        encode: Callable[[str], list[int]],
+        decode: Callable[[list[int]], str],
+    ):
         self.name = name
         self.vocab_size = vocab_size
         self.bos = bos
@@ -48,8 +56,10 @@ def load_tokenizer(path: str | os.PathLike) -> TextTokenizer:
         return _sentencepiece(path)
     if path.is_dir():
         return _hugging_face(path)
-    raise ConfigError(f"tokenizer={str(path)!r}: no such file or directory; pass a sentencepiece .model file "
-                      "or a Hugging Face tokenizer directory (with tokenizer.json or tokenizer_config.json)")
+    raise ConfigError(
+        f"tokenizer={str(path)!r}: no such file or directory; pass a sentencepiece .model file "
+        "or a Hugging Face tokenizer directory (with tokenizer.json or tokenizer_config.json)"
+    )
 
 
 def _sentencepiece(path: Path) -> TextTokenizer:
@@ -59,18 +69,28 @@ def _sentencepiece(path: Path) -> TextTokenizer:
     try:
         model.load(str(path))
     except (OSError, RuntimeError) as err:
-        raise ConfigError(f"tokenizer={str(path)!r}: not a sentencepiece model ({err}); pass a sentencepiece "
-                          ".model file or a Hugging Face tokenizer directory") from None
+        raise ConfigError(
+            f"tokenizer={str(path)!r}: not a sentencepiece model ({err}); pass a sentencepiece "
+            ".model file or a Hugging Face tokenizer directory"
+        ) from None
     bos, eos = model.bos_id(), model.eos_id()
     _require_special(path, bos=bos if bos >= 0 else None, eos=eos if eos >= 0 else None)
-    return TextTokenizer(name=str(path), vocab_size=model.get_piece_size(), bos=bos, eos=eos,
-                         encode=lambda text: model.encode(text, out_type=int), decode=model.decode)
+    return TextTokenizer(
+        name=str(path),
+        vocab_size=model.get_piece_size(),
+        bos=bos,
+        eos=eos,
+        encode=lambda text: model.encode(text, out_type=int),
+        decode=model.decode,
+    )
 
 
 def _hugging_face(path: Path) -> TextTokenizer:
     if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        raise ConfigError(f"tokenizer={str(path)!r}: directory has no tokenizer.json, tokenizer_config.json or "
-                          "tokenizer.model; pass a Hugging Face tokenizer directory or a sentencepiece .model file")
+        raise ConfigError(
+            f"tokenizer={str(path)!r}: directory has no tokenizer.json, tokenizer_config.json or "
+            "tokenizer.model; pass a Hugging Face tokenizer directory or a sentencepiece .model file"
+        )
     from transformers import AutoTokenizer
 
     try:
@@ -80,15 +100,22 @@ def _hugging_face(path: Path) -> TextTokenizer:
     _require_special(path, bos=tok.bos_token_id, eos=tok.eos_token_id)
     # len(tok) counts added tokens beyond tok.vocab_size (e.g. DeepSeek's bos 100000 / eos 100001).
     size = max(len(tok), tok.bos_token_id + 1, tok.eos_token_id + 1)
-    return TextTokenizer(name=str(path), vocab_size=size, bos=tok.bos_token_id, eos=tok.eos_token_id,
-                         # split_special_tokens: "<bos>" typed in data is text; only templates place specials.
-                         encode=lambda text: tok.encode(text, add_special_tokens=False, split_special_tokens=True),
-                         decode=lambda ids: tok.decode(ids))
+    return TextTokenizer(
+        name=str(path),
+        vocab_size=size,
+        bos=tok.bos_token_id,
+        eos=tok.eos_token_id,
+        # split_special_tokens: "<bos>" typed in data is text; only templates place specials.
+        encode=lambda text: tok.encode(text, add_special_tokens=False, split_special_tokens=True),
+        decode=lambda ids: tok.decode(ids),
+    )
 
 
 def _require_special(path: Path, *, bos: int | None, eos: int | None) -> None:
     missing = [name for name, value in (("bos", bos), ("eos", eos)) if value is None]
     if missing:
-        raise ConfigError(f"tokenizer={str(path)!r}: no {' / '.join(missing)} token; the prompt templates need "
-                          "both (train sentencepiece with bos_id/eos_id >= 0, or set bos_token/eos_token in "
-                          "the Hugging Face tokenizer_config.json)")
+        raise ConfigError(
+            f"tokenizer={str(path)!r}: no {' / '.join(missing)} token; the prompt templates need "
+            "both (train sentencepiece with bos_id/eos_id >= 0, or set bos_token/eos_token in "
+            "the Hugging Face tokenizer_config.json)"
+        )

@@ -32,8 +32,14 @@ class SDPACoreAttention(DotProductAttention):
         pg_collection=None,
     ):
         super().__init__(
-            config, layer_number, attn_mask_type, attention_type, attention_dropout=attention_dropout,
-            softmax_scale=softmax_scale, cp_comm_type=cp_comm_type, pg_collection=pg_collection,
+            config,
+            layer_number,
+            attn_mask_type,
+            attention_type,
+            attention_dropout=attention_dropout,
+            softmax_scale=softmax_scale,
+            cp_comm_type=cp_comm_type,
+            pg_collection=pg_collection,
         )
         if config.apply_query_key_layer_scaling:
             raise ValueError("SDPACoreAttention: apply_query_key_layer_scaling is not supported; set it to False")
@@ -41,7 +47,9 @@ class SDPACoreAttention(DotProductAttention):
             self.hidden_size_per_attention_head = v_channels
             self.hidden_size_per_partition = v_channels * self.num_attention_heads_per_partition
 
-    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None, packed_seq_params=None):
+    def forward(
+        self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None, packed_seq_params=None
+    ):
         # query/key: [seq, batch, heads, qk_dim]; value: [seq, batch, heads, v_dim]
         if packed_seq_params is not None or attention_bias is not None:
             raise NotImplementedError("SDPACoreAttention supports neither packed sequences nor attention bias")

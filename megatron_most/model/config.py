@@ -168,10 +168,22 @@ def deepseek_v2_lite() -> MoSTConfig:
 def tiny() -> MoSTConfig:
     """Same structure at a size that trains on a CPU in minutes."""
     return MoSTConfig(
-        num_layers=4, hidden_size=64, num_attention_heads=4, text_vocab_size=256, kv_lora_rank=16,
-        qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, original_max_position_embeddings=64,
-        max_position_embeddings=2560, dense_ffn_size=128, moe_ffn_size=32, num_units=32, audio_feature_dim=16,
-        seq_length=256, init_std=0.02,
+        num_layers=4,
+        hidden_size=64,
+        num_attention_heads=4,
+        text_vocab_size=256,
+        kv_lora_rank=16,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        original_max_position_embeddings=64,
+        max_position_embeddings=2560,
+        dense_ffn_size=128,
+        moe_ffn_size=32,
+        num_units=32,
+        audio_feature_dim=16,
+        seq_length=256,
+        init_std=0.02,
         mamoe=MAMoEConfig(num_experts=8, topk=2, shared_expert_size=64, balance_coeff=0.01),
     )
 

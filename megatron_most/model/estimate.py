@@ -143,7 +143,9 @@ def _single_rank_groups(most: MoSTConfig):
         yield
         return
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        raise ConfigError("count_parameters: torch.distributed is initialised without Megatron's groups; call it in a fresh process")
+        raise ConfigError(
+            "count_parameters: torch.distributed is initialised without Megatron's groups; call it in a fresh process"
+        )
     from megatron_most.platform import initialize, shutdown
 
     initialize(ParallelLayout(), num_experts=most.mamoe.num_experts)
@@ -305,13 +307,18 @@ class Estimate:
         out["flops_per_gpu_per_micro_batch"] = self.flops_per_gpu_per_micro_batch
         peak = self.memory_stage
         out["memory_per_gpu"] = dict(
-            stage=peak.stage, weight_bytes=peak.weight_bytes, grad_bytes=peak.grad_bytes,
-            optimizer_bytes=peak.optimizer_bytes, total_bytes=peak.total_bytes,
+            stage=peak.stage,
+            weight_bytes=peak.weight_bytes,
+            grad_bytes=peak.grad_bytes,
+            optimizer_bytes=peak.optimizer_bytes,
+            total_bytes=peak.total_bytes,
         )
         return out
 
 
-def stage_layers(most: MoSTConfig, layout: ParallelLayout, first: int | None = None, last: int | None = None) -> list[tuple[int, int]]:
+def stage_layers(
+    most: MoSTConfig, layout: ParallelLayout, first: int | None = None, last: int | None = None
+) -> list[tuple[int, int]]:
     """[start, end) decoder layers of each pipeline stage, by Megatron's own split functions."""
     from megatron.core.transformer.transformer_block import get_num_layers_to_build
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
@@ -334,8 +341,10 @@ def stage_layers(most: MoSTConfig, layout: ParallelLayout, first: int | None = N
             f"{n} layers do not split over pp={pp} (first stage {first}, last stage {last}): {err}"
         ) from err
     covered = [i for a, b in spans for i in range(a, b)]
-    require(covered == list(range(n)) and all(b > a for a, b in spans),
-            f"pipeline split {spans} of {n} layers over pp={pp} is not a partition with a layer on every stage")
+    require(
+        covered == list(range(n)) and all(b > a for a, b in spans),
+        f"pipeline split {spans} of {n} layers over pp={pp} is not a partition with a layer on every stage",
+    )
     return spans
 
 
@@ -353,7 +362,10 @@ def check_layout(most: MoSTConfig, layout: ParallelLayout) -> None:
     rows = most.tokens.padded_size
     checks.append(("tokens.padded_size (padded vocabulary)", rows, tp, "--tp"))
     for field, value, size, flag in checks:
-        require(value % size == 0, f"MoSTConfig.{field}={value} is not divisible by {flag.lstrip('-')}={size}: change {flag}")
+        require(
+            value % size == 0,
+            f"MoSTConfig.{field}={value} is not divisible by {flag.lstrip('-')}={size}: change {flag}",
+        )
 
 
 def default_world_size(layout: ParallelLayout) -> int:
@@ -365,7 +377,7 @@ def _per_gpu(counts: dict, most: MoSTConfig, layout: ParallelLayout) -> tuple[in
     """(dense, expert) parameters one GPU holds of `counts` ({(category, rule): n} at TP=1)."""
     tp, shards = layout.tp, layout.ep * layout.expert_tp
     dense = expert = 0
-    for (category, rule), n in counts.items():
+    for (_category, rule), n in counts.items():
         if rule == VOCAB:
             dense += n // tp  # the padded vocabulary splits evenly over TP (checked at layout time)
         elif rule == TP:
@@ -396,8 +408,10 @@ def estimate(
     """
     layout = layout or ParallelLayout()
     seq_len = most.seq_length if seq_len is None else seq_len
-    require(1 <= seq_len <= most.max_position_embeddings,
-            f"seq_len={seq_len}: must be within 1..max_position_embeddings={most.max_position_embeddings}")
+    require(
+        1 <= seq_len <= most.max_position_embeddings,
+        f"seq_len={seq_len}: must be within 1..max_position_embeddings={most.max_position_embeddings}",
+    )
     require(micro_batch >= 1, f"micro_batch={micro_batch}: must be >= 1")
     check_layout(most, layout)
     world_size = default_world_size(layout) if world_size is None else world_size
@@ -431,12 +445,20 @@ def estimate(
                 part[key] = part.get(key, 0) + n
         dense, expert = _per_gpu(part, most, layout)
         local = dense + expert
-        stages.append(StageEstimate(
-            stage=rank, layers=(start, end), params=sum(part.values()), params_per_gpu=local,
-            dense_params_per_gpu=dense, expert_params_per_gpu=expert,
-            weight_bytes=WEIGHT_BYTES * local, grad_bytes=GRAD_BYTES * local,
-            optimizer_bytes=math.ceil(OPTIMIZER_BYTES * dense / dp) + math.ceil(OPTIMIZER_BYTES * expert / expert_dp),
-        ))
+        stages.append(
+            StageEstimate(
+                stage=rank,
+                layers=(start, end),
+                params=sum(part.values()),
+                params_per_gpu=local,
+                dense_params_per_gpu=dense,
+                expert_params_per_gpu=expert,
+                weight_bytes=WEIGHT_BYTES * local,
+                grad_bytes=GRAD_BYTES * local,
+                optimizer_bytes=math.ceil(OPTIMIZER_BYTES * dense / dp)
+                + math.ceil(OPTIMIZER_BYTES * expert / expert_dp),
+            )
+        )
 
     notes = []
     if layout.pp > 1 and most.num_layers % layout.pp and first_stage_layers is None and last_stage_layers is None:
@@ -446,10 +468,23 @@ def estimate(
             f"num_layers_in_last_pipeline_stage={spans[-1][1] - spans[-1][0]}"
         )
     return Estimate(
-        name=name, tp=layout.tp, pp=layout.pp, ep=layout.ep, etp=layout.expert_tp, world_size=world_size,
-        dp=dp, expert_dp=expert_dp, seq_len=seq_len, micro_batch=micro_batch,
-        categories=categories, total=total, active=active, stages=tuple(stages),
-        matmul_flops_per_token=6 * matmul_params, attention_flops_per_token=attention_flops, notes=tuple(notes),
+        name=name,
+        tp=layout.tp,
+        pp=layout.pp,
+        ep=layout.ep,
+        etp=layout.expert_tp,
+        world_size=world_size,
+        dp=dp,
+        expert_dp=expert_dp,
+        seq_len=seq_len,
+        micro_batch=micro_batch,
+        categories=categories,
+        total=total,
+        active=active,
+        stages=tuple(stages),
+        matmul_flops_per_token=6 * matmul_params,
+        attention_flops_per_token=attention_flops,
+        notes=tuple(notes),
     )
 
 
@@ -485,11 +520,15 @@ def format_table(est: Estimate) -> str:
     lines.append(f"  {'matmul (6 x active)':<26}{_count(est.matmul_flops_per_token):>12}")
     lines.append(f"  {'attention (seq ' + str(est.seq_len) + ')':<26}{_count(est.attention_flops_per_token):>12}")
     lines.append(f"  {'total':<26}{_count(est.flops_per_token):>12}")
-    lines.append(f"  {'per micro-batch':<26}{_count(est.flops_per_micro_batch):>12}"
-                 f"   ({_count(est.flops_per_gpu_per_micro_batch)} per GPU)")
+    lines.append(
+        f"  {'per micro-batch':<26}{_count(est.flops_per_micro_batch):>12}"
+        f"   ({_count(est.flops_per_gpu_per_micro_batch)} per GPU)"
+    )
     lines += ["", "per pipeline stage (per GPU: TP/EP/ETP shards; memory = bf16 weights + fp32 grads + Adam / DP)"]
-    header = (f"  {'stage':<6}{'layers':<10}{'params':>12}{'per GPU':>12}{'dense':>12}{'expert':>12}"
-              f"{'weights':>12}{'grads':>12}{'optimizer':>12}{'total':>12}")
+    header = (
+        f"  {'stage':<6}{'layers':<10}{'params':>12}{'per GPU':>12}{'dense':>12}{'expert':>12}"
+        f"{'weights':>12}{'grads':>12}{'optimizer':>12}{'total':>12}"
+    )
     lines.append(header)
     for s in est.stages:
         lines.append(
@@ -498,8 +537,11 @@ def format_table(est: Estimate) -> str:
             f"{_gib(s.grad_bytes):>12}{_gib(s.optimizer_bytes):>12}{_gib(s.total_bytes):>12}"
         )
     peak = est.memory_stage
-    lines += ["", f"memory per GPU (model states, largest stage {peak.stage}): {_gib(peak.total_bytes)} "
-              f"= weights {_gib(peak.weight_bytes)} + grads {_gib(peak.grad_bytes)} + optimizer {_gib(peak.optimizer_bytes)}"
-              "  (activations not included)"]
+    lines += [
+        "",
+        f"memory per GPU (model states, largest stage {peak.stage}): {_gib(peak.total_bytes)} "
+        f"= weights {_gib(peak.weight_bytes)} + grads {_gib(peak.grad_bytes)} + optimizer {_gib(peak.optimizer_bytes)}"
+        "  (activations not included)",
+    ]
     lines += [f"note: {note}" for note in est.notes]
     return "\n".join(lines)

@@ -25,7 +25,7 @@ class ReplicatedLinear(torch.nn.Module):
         self.bias = torch.nn.Parameter(torch.zeros(output_size, dtype=config.params_dtype)) if bias else None
         self.skip_bias_add = skip_bias_add
         for param in self.parameters():
-            setattr(param, "sequence_parallel", config.sequence_parallel)
+            param.sequence_parallel = config.sequence_parallel
 
     def forward(self, x):  # x: [seq(/tp), batch, input]
         if self.skip_bias_add:

@@ -23,15 +23,21 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.models.gpt import GPTModel
 
 from megatron_most.model.config import MoSTConfig
-from megatron_most.moe import mamoe_block_spec, pack_routing_info
 from megatron_most.model.packing import segment_mask
+from megatron_most.moe import mamoe_block_spec, pack_routing_info
 from megatron_most.options import ConfigError
 from megatron_most.platform import has_transformer_engine
 
 
 class MoSTModel(GPTModel):
     def __init__(
-        self, most: MoSTConfig, config, *, pre_process: bool = True, post_process: bool = True, vp_stage=None,
+        self,
+        most: MoSTConfig,
+        config,
+        *,
+        pre_process: bool = True,
+        post_process: bool = True,
+        vp_stage=None,
         use_te: bool | None = None,
     ):
         tp = parallel_state.get_tensor_model_parallel_world_size()
@@ -80,8 +86,13 @@ class MoSTModel(GPTModel):
         routing = pack_routing_info(self.tokens.modality(input_ids), padding_mask)
         decoder_input = self.embed(input_ids, position_ids, audio_features) if self.pre_process else None
         return super().forward(
-            input_ids, position_ids, attention_mask, decoder_input=decoder_input, labels=labels,
-            padding_mask=routing, **kwargs,
+            input_ids,
+            position_ids,
+            attention_mask,
+            decoder_input=decoder_input,
+            labels=labels,
+            padding_mask=routing,
+            **kwargs,
         )
 
     def _packed_mask(self, position_ids: torch.Tensor) -> torch.Tensor | None:
@@ -108,7 +119,9 @@ class MoSTModel(GPTModel):
 
     def _place_audio(self, embeddings, placeholders, audio_features):
         if self.audio_projection is None:
-            raise ValueError("input has <feat> positions or audio_features but the model has no continuous audio path (audio_feature_dim=0)")
+            raise ValueError(
+                "input has <feat> positions or audio_features but the model has no continuous audio path (audio_feature_dim=0)"
+            )
         if audio_features is None:
             raise ValueError(f"input has {int(placeholders.sum())} <feat> positions but no audio_features were given")
         if audio_features.dim() != 2 or audio_features.shape[1] != self.most.audio_feature_dim:
@@ -118,7 +131,9 @@ class MoSTModel(GPTModel):
             )
         frames = int(placeholders.sum())
         if audio_features.shape[0] != frames:
-            raise ValueError(f"audio_features has {audio_features.shape[0]} frames but the input has {frames} <feat> positions")
+            raise ValueError(
+                f"audio_features has {audio_features.shape[0]} frames but the input has {frames} <feat> positions"
+            )
         projected = self.audio_projection(audio_features.to(self.audio_projection.weight.dtype))  # [frames, hidden]
         by_sample = embeddings.transpose(0, 1)  # [batch, seq, hidden]: frames are in sample order
         placed = by_sample.masked_scatter(placeholders.unsqueeze(-1), projected.to(by_sample.dtype))

@@ -36,11 +36,9 @@ class Norm(torch.nn.Module):
         init = 0.0 if self.zero_centered_gamma else 1.0
         dtype = config.params_dtype
         self.weight = torch.nn.Parameter(torch.full((hidden_size,), init, dtype=dtype))
-        self.bias = (
-            torch.nn.Parameter(torch.zeros(hidden_size, dtype=dtype)) if self.kind == "LayerNorm" else None
-        )
+        self.bias = torch.nn.Parameter(torch.zeros(hidden_size, dtype=dtype)) if self.kind == "LayerNorm" else None
         for param in self.parameters():
-            setattr(param, "sequence_parallel", config.sequence_parallel)
+            param.sequence_parallel = config.sequence_parallel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [seq, batch, hidden]
         weight = self.weight + 1 if self.zero_centered_gamma else self.weight
@@ -48,4 +46,3 @@ class Norm(torch.nn.Module):
         if self.kind == "RMSNorm":
             return F.rms_norm(x, shape, weight, self.eps)
         return F.layer_norm(x, shape, weight, self.bias, self.eps)
-

@@ -10,12 +10,11 @@ from __future__ import annotations
 import dataclasses
 
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
-from megatron.core.transformer import TransformerConfig
-from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.tensor_parallel import ColumnParallelLinear
-from megatron.core.transformer import multi_latent_attention
+from megatron.core.transformer import TransformerConfig, multi_latent_attention
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.multi_latent_attention import MLASelfAttentionSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
 from megatron_most.model.attention import SDPACoreAttention
@@ -30,9 +29,13 @@ def map_spec(spec, visit):
     if isinstance(spec, (list, tuple)):
         spec = type(spec)(map_spec(s, visit) for s in spec)
     elif isinstance(spec, ModuleSpec):
-        spec = dataclasses.replace(spec, module=map_spec(spec.module, visit), submodules=map_spec(spec.submodules, visit))
+        spec = dataclasses.replace(
+            spec, module=map_spec(spec.module, visit), submodules=map_spec(spec.submodules, visit)
+        )
     elif dataclasses.is_dataclass(spec) and not isinstance(spec, type):
-        spec = dataclasses.replace(spec, **{f.name: map_spec(getattr(spec, f.name), visit) for f in dataclasses.fields(spec)})
+        spec = dataclasses.replace(
+            spec, **{f.name: map_spec(getattr(spec, f.name), visit) for f in dataclasses.fields(spec)}
+        )
     return visit(spec)
 
 

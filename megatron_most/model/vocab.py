@@ -74,7 +74,9 @@ class TokenLayout:
         if ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(ids.shape)}")
         if ids.shape[1] > max_length:
-            raise ValueError(f"input_ids: sequence length {ids.shape[1]} exceeds the configured seq_length {max_length}")
+            raise ValueError(
+                f"input_ids: sequence length {ids.shape[1]} exceeds the configured seq_length {max_length}"
+            )
         bad = (ids < 0) | (ids >= self.size)
         if bad.any():
             sample, pos = (int(i) for i in bad.nonzero()[0])
@@ -108,7 +110,9 @@ def _audio_spans(row: list[int], boa: int, eoa: int, sample: int):
     for pos, token in enumerate(row):
         if token == boa:
             if start is not None:
-                raise ValueError(f"sample {sample}: <boa> at position {pos} opens a span inside the span opened at {start}")
+                raise ValueError(
+                    f"sample {sample}: <boa> at position {pos} opens a span inside the span opened at {start}"
+                )
             start = pos
         elif token == eoa:
             if start is None:

@@ -44,7 +44,9 @@ def pack_routing_info(modality_ids: torch.Tensor, padding_mask: torch.Tensor | N
 
 
 class MAMoELayer(MoELayer):
-    def __init__(self, config, submodules=None, layer_number=None, pg_collection=None, *, mamoe: MAMoEConfig, slots: list[int]):
+    def __init__(
+        self, config, submodules=None, layer_number=None, pg_collection=None, *, mamoe: MAMoEConfig, slots: list[int]
+    ):
         super().__init__(config, submodules, layer_number, pg_collection)
         if layer_number is not None:  # TransformerLayer sets it too; a layer built alone needs it for stats
             self.set_layer_number(layer_number)

@@ -29,7 +29,11 @@ class MAMoERouter(TopKRouter):
     def routing(self, logits: torch.Tensor, padding_mask: torch.Tensor | None = None):
         """logits [seq, batch, experts]; padding_mask is the routing info [seq, batch] (int8)."""
         seq, batch, num_experts = logits.shape
-        info = padding_mask if padding_mask is not None else torch.zeros(seq, batch, dtype=torch.int8, device=logits.device)
+        info = (
+            padding_mask
+            if padding_mask is not None
+            else torch.zeros(seq, batch, dtype=torch.int8, device=logits.device)
+        )
         valid = info.reshape(-1) != PADDING  # [tokens]
         modality = info.reshape(-1).clamp(min=0).long()  # [tokens]
         logits = logits.reshape(-1, num_experts).float()  # [tokens, experts]

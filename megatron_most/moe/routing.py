@@ -76,4 +76,3 @@ def sequence_balance_loss(
     scale = scores.shape[-1] / (topk * num_tokens.clamp(min=1) ** 2)  # [batch]
     per_sequence = scale * (prob_sum * counts).sum(-1)
     return (per_sequence * has_tokens).sum() / has_tokens.sum().clamp(min=1)
-

@@ -167,9 +167,7 @@ def _patch_megatron() -> None:
 
     # The RNG tracker sets state through torch.cuda._lazy_call, which on a CPU-only build
     # queues the callback forever; read and write the CPU generator directly instead.
-    mcore_random._get_cuda_rng_state = lambda device="cuda", clone=False, graph_safe=False: (
-        torch.get_rng_state()
-    )
+    mcore_random._get_cuda_rng_state = lambda device="cuda", clone=False, graph_safe=False: torch.get_rng_state()
     mcore_random._set_cuda_rng_state = _set_cpu_rng_state
 
     # The alltoall dispatcher moves split sizes to host numpy arrays only for CUDA tensors;

@@ -56,8 +56,13 @@ def mamoe_config():
     from megatron_most.moe import MAMoEConfig
 
     return MAMoEConfig(
-        num_experts=NUM_EXPERTS, text_experts=(0, 1), audio_experts=(2, 3), topk=2,
-        shared_expert_size=64, balance_loss="per_group", balance_coeff=1e-2,
+        num_experts=NUM_EXPERTS,
+        text_experts=(0, 1),
+        audio_experts=(2, 3),
+        topk=2,
+        shared_expert_size=64,
+        balance_loss="per_group",
+        balance_coeff=1e-2,
     )
 
 
@@ -215,7 +220,9 @@ def _schedule(dp: int) -> dict:
 
 def _data_parallel_size(model) -> int:
     config = model.config
-    return torch.distributed.get_world_size() // (config.tensor_model_parallel_size * config.pipeline_model_parallel_size)
+    return torch.distributed.get_world_size() // (
+        config.tensor_model_parallel_size * config.pipeline_model_parallel_size
+    )
 
 
 def _backward_once(model, kind: str):
@@ -333,7 +340,16 @@ def _run_reference(workdir: Path, steps: int, kind: str, timeout_s: float) -> st
     env = {k: v for k, v in os.environ.items() if k not in _TORCHRUN_VARS and not k.startswith("TORCHELASTIC_")}
     if torch.cuda.is_available():
         env["CUDA_VISIBLE_DEVICES"] = str(torch.cuda.current_device())
-    cmd = [sys.executable, "-m", "megatron_most.platform.selfcheck", "--reference", "--workdir", str(workdir), "--steps", str(steps)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "megatron_most.platform.selfcheck",
+        "--reference",
+        "--workdir",
+        str(workdir),
+        "--steps",
+        str(steps),
+    ]
     cmd += ["--model", kind]
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
@@ -345,8 +361,17 @@ def _run_reference(workdir: Path, steps: int, kind: str, timeout_s: float) -> st
 
 
 _TORCHRUN_VARS = {
-    "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "ROLE_NAME",
-    "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_WORLD_SIZE",
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "ROLE_RANK",
+    "ROLE_NAME",
+    "ROLE_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "GROUP_WORLD_SIZE",
 }
 
 
@@ -356,8 +381,15 @@ def _broadcast(obj):
     return box[0]
 
 
-def check(layout: ParallelLayout, *, steps: int = 3, dist_opt: bool = True, kind: str = "moe",
-          workdir: str | None = None, timeout_s: float = 600.0) -> dict:
+def check(
+    layout: ParallelLayout,
+    *,
+    steps: int = 3,
+    dist_opt: bool = True,
+    kind: str = "moe",
+    workdir: str | None = None,
+    timeout_s: float = 600.0,
+) -> dict:
     """Run the comparison at `layout` (inside a torchrun job); returns the figures on every rank."""
     initialize(layout, num_experts=num_experts(kind), timeout_s=timeout_s)
     from megatron.core import dist_checkpointing
@@ -365,7 +397,11 @@ def check(layout: ParallelLayout, *, steps: int = 3, dist_opt: bool = True, kind
     rank = torch.distributed.get_rank()
     with contextlib.ExitStack() as stack:
         if rank == 0:
-            root = Path(workdir) if workdir else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="selfcheck_")))
+            root = (
+                Path(workdir)
+                if workdir
+                else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="selfcheck_")))
+            )
             base = root / kind
             base.mkdir(parents=True, exist_ok=True)
             done = (base / "reference.json").exists() and json.loads((base / "reference.json").read_text())
@@ -448,7 +484,8 @@ def summary_line(layout: ParallelLayout, figures: dict) -> str:
         f"max weight diff {figures['weight_diff']:.2e}, checkpoint round trip {figures['roundtrip_diff']:.1e}"
         + (
             f", MAMoE tokens routed {figures['routed_tokens']} / outside their group {figures['cross_group_tokens']}"
-            if "routed_tokens" in figures else ""
+            if "routed_tokens" in figures
+            else ""
         )
     )
 
@@ -460,19 +497,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ep", type=int, default=1)
     p.add_argument("--etp", type=int, default=None, help="expert tensor parallel size (default: --tp)")
     p.add_argument(
-        "--sp", action=argparse.BooleanOptionalAction, default=None,
+        "--sp",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="sequence parallelism (default: on when --tp > 1, which Megatron-Core requires for MoE)",
     )
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--dist-opt", choices=["on", "off"], default="on", help="distributed optimizer")
     p.add_argument(
-        "--workdir", default=None,
+        "--workdir",
+        default=None,
         help="directory visible to all ranks (needed across nodes; default: a temp dir); "
         "a reference run already there is reused",
     )
     p.add_argument("--timeout", type=float, default=600.0, help="seconds before a hung collective fails")
     p.add_argument(
-        "--model", choices=KINDS, default="moe",
+        "--model",
+        choices=KINDS,
+        default="moe",
         help="moe: Megatron MoE GPT; mamoe: the same with MAMoE layers; most: the tiny MoST preset (MLA, "
         "MAMoE, unit tokens and audio features)",
     )
@@ -488,7 +530,11 @@ def main(argv=None) -> int:
     sp = args.tp > 1 if args.sp is None else args.sp
     layout = ParallelLayout(tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp, sp=sp)
     figures = check(
-        layout, steps=args.steps, dist_opt=args.dist_opt == "on", kind=args.model, workdir=args.workdir,
+        layout,
+        steps=args.steps,
+        dist_opt=args.dist_opt == "on",
+        kind=args.model,
+        workdir=args.workdir,
         timeout_s=args.timeout,
     )
     if torch.distributed.get_rank() == 0:

@@ -34,8 +34,14 @@ def _free_port() -> int:
 
 def _rank_main(body, args, kwargs, rank, world_size, port, threads, results):
     os.environ.update(
-        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS=str(threads), PYTHONWARNINGS="ignore",
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        OMP_NUM_THREADS=str(threads),
+        PYTHONWARNINGS="ignore",
     )
     import torch
 
@@ -79,17 +85,23 @@ def run_ranks(body, world_size: int, args=(), kwargs=None, timeout_s: float = 60
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 missing = sorted(set(range(world_size)) - set(done))
-                raise RankError(f"{body.__name__}: ranks {missing} of {world_size} did not finish within {timeout_s:.0f}s")
+                raise RankError(
+                    f"{body.__name__}: ranks {missing} of {world_size} did not finish within {timeout_s:.0f}s"
+                )
             try:
                 rank, ok, value = results.get(timeout=min(remaining, 5.0))
-            except queue.Empty:
+            except queue.Empty as empty:
                 dead = [r for r, p in enumerate(procs) if r not in done and not p.is_alive()]
                 if dead:
-                    raise RankError(f"{body.__name__}: rank(s) {dead} died without a result ({_others(procs, done)})")
+                    raise RankError(
+                        f"{body.__name__}: rank(s) {dead} died without a result ({_others(procs, done)})"
+                    ) from empty
                 continue
             if not ok:
                 time.sleep(1.0)  # let a rank whose death caused this failure show its exit code
-                raise RankError(f"{body.__name__}: rank {rank} of {world_size} failed ({_others(procs, done, rank)}):\n{value}")
+                raise RankError(
+                    f"{body.__name__}: rank {rank} of {world_size} failed ({_others(procs, done, rank)}):\n{value}"
+                )
             done[rank] = pickle.loads(value)
     finally:
         for p in procs:

@@ -27,7 +27,6 @@ import inspect
 import torch
 import torch.nn.functional as F
 from torch import nn
-
 from transformers import initialization as init
 from transformers.cache_utils import DynamicCache
 from transformers.generation import GenerationMixin
@@ -129,7 +128,10 @@ class MoSTMoE(nn.Module):
         self.config = config
         self.gate = MoSTRouter(config)
         self.experts = nn.ModuleList(
-            [DeepseekV2MLP(config, intermediate_size=config.moe_intermediate_size) for _ in range(config.n_routed_experts)]
+            [
+                DeepseekV2MLP(config, intermediate_size=config.moe_intermediate_size)
+                for _ in range(config.n_routed_experts)
+            ]
         )
         shared = config.n_shared_experts or 0
         self.shared_experts = None
@@ -253,7 +255,9 @@ class MoSTModel(MoSTPreTrainedModel):
                 f"audio_features has shape {tuple(audio_features.shape)}, expected [frames, {self.config.audio_feature_dim}]"
             )
         if audio_features.shape[0] != frames:
-            raise ValueError(f"audio_features has {audio_features.shape[0]} frames but the input has {frames} <feat> positions")
+            raise ValueError(
+                f"audio_features has {audio_features.shape[0]} frames but the input has {frames} <feat> positions"
+            )
         weight = self.audio_projection.weight
         projected = self.audio_projection(audio_features.to(device=weight.device, dtype=weight.dtype))
         return embeddings.masked_scatter(placeholders.unsqueeze(-1), projected.to(embeddings.dtype))
@@ -322,7 +326,9 @@ class MoSTModel(MoSTPreTrainedModel):
         hidden_states = self.norm(hidden_states)
         if output_hidden_states:
             all_hidden += (hidden_states,)
-        return MoeModelOutputWithPast(last_hidden_state=hidden_states, hidden_states=all_hidden, **{_OUTPUT_CACHE: cache})
+        return MoeModelOutputWithPast(
+            last_hidden_state=hidden_states, hidden_states=all_hidden, **{_OUTPUT_CACHE: cache}
+        )
 
 
 class MoSTForCausalLM(MoSTPreTrainedModel, GenerationMixin):
@@ -397,7 +403,10 @@ class MoSTForCausalLM(MoSTPreTrainedModel, GenerationMixin):
                 labels = labels.masked_fill(labels == self.config.feature_token_id, -100)
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return MoeCausalLMOutputWithPast(
-            loss=loss, logits=logits, hidden_states=outputs.hidden_states, **{_OUTPUT_CACHE: getattr(outputs, _OUTPUT_CACHE)}
+            loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            **{_OUTPUT_CACHE: getattr(outputs, _OUTPUT_CACHE)},
         )
 
 
