@@ -16,7 +16,7 @@ setup(
         "psutil",  # megatron-core's checkpoint saves import it without declaring it
         "numpy",
         "safetensors",
-        "transformers>=5.0,<6",  # the HF export's remote code is tested on the newest release
+        "transformers>=5.15,<6",  # DeepseekV2 before 5.15 computes other logits; remote code tested 5.15-5.24
         "matplotlib",
         "nvidia-dali-cuda120",  # audio decoding/resampling; CPU pipelines run without a GPU
         "soundfile",  # header probing and mp3 decoding (DALI's decoder lacks mp3)

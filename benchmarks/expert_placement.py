@@ -15,27 +15,24 @@ every share.
 from __future__ import annotations
 
 import argparse
-import sys
 import warnings
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402
+import torch.nn.functional as F
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+
+from megatron_most.moe import MAMoEConfig, MAMoERouter, pack_routing_info
+from megatron_most.moe.placement import logical_of_physical, rank_loads
+from megatron_most.platform import ParallelLayout, fusion_settings, initialize
 
 EXPERTS, TOPK, EP = 64, 6, 8
 SHARES = (0.50, 0.80, 0.95)
 
 
 def build_router(mamoe, hidden):
-    import torch.nn.functional as F
-    from megatron.core.transformer import TransformerConfig
-    from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
-
-    from megatron_most.moe import MAMoERouter
-    from megatron_most.platform import fusion_settings
-
     config = TransformerConfig(
         num_layers=1,
         hidden_size=hidden,
@@ -58,7 +55,6 @@ def build_router(mamoe, hidden):
 
 def route_tokens(router, text_share, tokens, seq, hidden, seed):
     """Route `tokens` random hidden states, `text_share` of them text; returns tokens per logical expert."""
-    from megatron_most.moe import pack_routing_info
 
     gen = torch.Generator().manual_seed(seed)
     batch = tokens // seq
@@ -78,10 +74,6 @@ def main():
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--seq", type=int, default=4096)
     args = parser.parse_args()
-
-    from megatron_most.moe import MAMoEConfig
-    from megatron_most.moe.placement import logical_of_physical, rank_loads
-    from megatron_most.platform import ParallelLayout, initialize
 
     initialize(ParallelLayout(), num_experts=EXPERTS)
     torch.manual_seed(0)

@@ -16,25 +16,26 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 import warnings
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402
+import torch.nn.functional as F
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.moe.moe_layer import MoELayer
+from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+from megatron.core.transformer.spec_utils import build_module
+
+from megatron_most.model.spec import decoder_block_spec
+from megatron_most.moe import MAMoEConfig, MAMoELayer, mamoe_block_spec, pack_routing_info
+from megatron_most.platform import ParallelLayout, fusion_settings, initialize
 
 HIDDEN, EXPERTS, TOPK, MOE_FFN, SHARED, SEQ, BATCH = 256, 16, 4, 128, 256, 512, 4
 
 
 def make_config(mamoe, **overrides):
-    import torch.nn.functional as F
-    from megatron.core.transformer import TransformerConfig
-
-    from megatron_most.platform import fusion_settings
-
     return TransformerConfig(
         num_layers=1,
         hidden_size=HIDDEN,
@@ -54,19 +55,11 @@ def make_config(mamoe, **overrides):
 
 
 def build_mamoe(mamoe, config):
-    from megatron.core.transformer.spec_utils import build_module
-
-    from megatron_most.moe import mamoe_block_spec
-
-    spec = mamoe_block_spec(config, mamoe)
+    spec = mamoe_block_spec(decoder_block_spec(config), config, mamoe)
     return build_module(spec.layer_specs[0].submodules.mlp, config=config, layer_number=1)
 
 
 def build_vanilla(config):
-    from megatron.core.transformer.spec_utils import build_module
-
-    from megatron_most.model.spec import decoder_block_spec
-
     spec = decoder_block_spec(config)
     return build_module(spec.layer_specs[0].submodules.mlp, config=config, layer_number=1)
 
@@ -121,12 +114,6 @@ def main():
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-
-    from megatron.core.transformer.moe.moe_layer import MoELayer
-    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
-
-    from megatron_most.moe import MAMoEConfig, MAMoELayer, pack_routing_info
-    from megatron_most.platform import ParallelLayout, initialize
 
     initialize(ParallelLayout(), num_experts=EXPERTS)
     MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0))

@@ -1,15 +1,13 @@
 """megatron_most: MoST (speech+text LLM with a Modality-Aware MoE) on Megatron-Core.
 
+Floors, bottom to top (imports run downward only; tests/test_layering.py checks it):
+`options`/`rejects` -> `platform` -> `moe`, `audio` -> `model` -> `data`, `convert` ->
+`training`, `inference` -> `eval`, with the thin CLIs of `tools/` on top.
+
 Importing the package never imports Transformer Engine or apex; GPU extras are picked at run
 time by `megatron_most.platform`.
 """
 
+from megatron_most import platform as _platform  # noqa: F401 - first: quiets Megatron's import warnings
+
 __version__ = "0.1.0"
-
-import warnings as _warnings
-
-# Megatron-Core warns on import when Transformer Engine / apex are absent. megatron_most picks
-# the local modules itself on such machines (platform.has_transformer_engine), so the warnings
-# only bury the tools' output.
-_warnings.filterwarnings("ignore", message=r"(Transformer Engine and )?Apex is not installed", category=UserWarning)
-_warnings.filterwarnings("ignore", message=r"Transformer Engine and Apex are not installed", category=UserWarning)

@@ -223,6 +223,7 @@ def _layer_input_errors():
     from megatron.core.transformer import TransformerConfig
     from megatron.core.transformer.spec_utils import build_module
 
+    from megatron_most.model.spec import decoder_block_spec
     from megatron_most.moe import mamoe_block_spec
     from megatron_most.platform import ParallelLayout, fusion_settings, initialize
 
@@ -244,7 +245,11 @@ def _layer_input_errors():
         **mamoe.megatron_fields(),
         **fusion_settings(),
     )
-    layer = build_module(mamoe_block_spec(config, mamoe).layer_specs[0].submodules.mlp, config=config, layer_number=1)
+    layer = build_module(
+        mamoe_block_spec(decoder_block_spec(config), config, mamoe).layer_specs[0].submodules.mlp,
+        config=config,
+        layer_number=1,
+    )
     h = torch.randn(SEQ, BATCH, HIDDEN)
 
     def error(info):

@@ -25,6 +25,7 @@ def build_layer(mamoe, **config_overrides):
     from megatron.core.transformer import TransformerConfig
     from megatron.core.transformer.spec_utils import build_module
 
+    from megatron_most.model.spec import decoder_block_spec
     from megatron_most.moe import mamoe_block_spec
     from megatron_most.platform import fusion_settings
 
@@ -44,7 +45,7 @@ def build_layer(mamoe, **config_overrides):
         **mamoe.megatron_fields(),
         **{**fusion_settings(), **config_overrides},
     )
-    spec = mamoe_block_spec(config, mamoe)
+    spec = mamoe_block_spec(decoder_block_spec(config), config, mamoe)
     return build_module(spec.layer_specs[0].submodules.mlp, config=config, layer_number=1)
 
 
@@ -176,7 +177,8 @@ def test_layer_matches_plain_pytorch_reference(index, megatron_results):
 
 def _recompute_modes():
     from megatron_most.moe import stats
-    from megatron_most.platform import ParallelLayout, initialize, selfcheck
+    from megatron_most.platform import ParallelLayout, initialize
+    from megatron_most.training import selfcheck
 
     initialize(ParallelLayout(), num_experts=selfcheck.NUM_EXPERTS)
     weights = None

@@ -59,6 +59,7 @@ def build_layer(mamoe, layer_number=1, num_layers=3, **overrides):
     from megatron.core.transformer import TransformerConfig
     from megatron.core.transformer.spec_utils import build_module
 
+    from megatron_most.model.spec import decoder_block_spec
     from megatron_most.moe import mamoe_block_spec
     from megatron_most.platform import fusion_settings
 
@@ -79,7 +80,9 @@ def build_layer(mamoe, layer_number=1, num_layers=3, **overrides):
         **{**fusion_settings(), **overrides},
     )
     layer = build_module(
-        mamoe_block_spec(config, mamoe).layer_specs[0].submodules.mlp, config=config, layer_number=layer_number
+        mamoe_block_spec(decoder_block_spec(config), config, mamoe).layer_specs[0].submodules.mlp,
+        config=config,
+        layer_number=layer_number,
     )
     layer.set_layer_number(layer_number)  # what TransformerLayer does; the router logs per layer
     return layer

@@ -1,6 +1,6 @@
 """Megatron-Core training on gloo at every layout agrees with the single-rank run.
 
-Each case runs megatron_most.platform.selfcheck (the same code as tools/selfcheck.py) across
+Each case runs megatron_most.training.selfcheck (the same code as tools/selfcheck.py) across
 spawned gloo ranks: initial weights are resharded from a TP1/PP1/EP1 checkpoint, then the
 losses, every gradient shard, grad norms and weights after 3 Adam steps (grad clipping, the
 distributed optimizer) are compared with the single-rank reference, and a torch_dist checkpoint
@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_most.platform import selfcheck
+from megatron_most.model.checkpoint import load_values
 from megatron_most.platform.layout import ParallelLayout
+from megatron_most.training import selfcheck
 from tests.multiproc import run_distributed
 
 
@@ -75,7 +76,7 @@ def _save_init_at(layout: dict, reference: str, out: str, kind: str):
     layout = ParallelLayout(**layout)
     selfcheck.initialize(layout, num_experts=selfcheck.NUM_EXPERTS)
     model = selfcheck.build_model(layout, kind)
-    model.load_state_dict(selfcheck.load_values(model, Path(reference) / "init"), strict=False)
+    model.load_state_dict(load_values(model, Path(reference) / "init"), strict=False)
     if torch.distributed.get_rank() == 0:
         Path(out).mkdir()
     torch.distributed.barrier()
@@ -86,8 +87,8 @@ def _reload_at_single_rank(reference: str, saved: str, kind: str):
     layout = ParallelLayout()
     selfcheck.initialize(layout, num_experts=selfcheck.NUM_EXPERTS)
     model = selfcheck.build_model(layout, kind)
-    model.load_state_dict(selfcheck.load_values(model, Path(saved)), strict=False)
-    expected = selfcheck.load_values(model, Path(reference) / "init")
+    model.load_state_dict(load_values(model, Path(saved)), strict=False)
+    expected = load_values(model, Path(reference) / "init")
     max_diff = max((p - expected[n]).abs().max().item() for n, p in model.named_parameters())
     _, loss = selfcheck._backward_once(model, kind)
     return max_diff, loss, len(expected)

@@ -13,7 +13,9 @@ import json
 import sys
 
 from megatron_most.model.config import PRESETS, preset
+from megatron_most.model.estimate import estimate, format_table
 from megatron_most.options import ConfigError
+from megatron_most.platform.layout import ParallelLayout
 
 
 def parse_args(argv=None):
@@ -47,9 +49,6 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        from megatron_most.model.estimate import estimate, format_table
-        from megatron_most.platform.layout import ParallelLayout
-
         # MoE with TP needs sequence parallelism in Megatron-Core; SP changes no parameter.
         layout = ParallelLayout(tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp, sp=args.tp > 1)
         result = estimate(

@@ -6,7 +6,7 @@ must match a single-rank run. Prints one line, PASS or FAIL, with the max differ
 
 import sys
 
-from megatron_most.platform.selfcheck import main
+from megatron_most.training.selfcheck import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -6,10 +6,13 @@ import dataclasses
 
 import torch
 import torch.nn.functional as F
+from megatron.core.transformer import MLATransformerConfig
 
+from megatron_most.model.fields import megatron_fields
 from megatron_most.model.vocab import TokenLayout, check_vocab
 from megatron_most.moe.config import MAMoEConfig
 from megatron_most.options import options, require
+from megatron_most.platform import fusion_settings
 from megatron_most.platform.layout import ParallelLayout
 
 
@@ -90,42 +93,21 @@ class MoSTConfig:
 
     def transformer_config(self, layout: ParallelLayout | None = None, **overrides):
         """Megatron's MLATransformerConfig for this architecture at `layout`."""
-        from megatron.core.transformer import MLATransformerConfig
-
-        from megatron_most.platform import fusion_settings
 
         layout = layout or ParallelLayout()
         fields = dict(
-            num_layers=self.num_layers,
-            hidden_size=self.hidden_size,
-            num_attention_heads=self.num_attention_heads,
-            ffn_hidden_size=self.dense_ffn_size,
-            moe_ffn_hidden_size=self.moe_ffn_size,
-            moe_layer_freq=[0] * self.first_k_dense + [1] * (self.num_layers - self.first_k_dense),
+            **megatron_fields(self),  # the correspondences of model.fields.FIELDS
             q_lora_rank=None,
-            kv_lora_rank=self.kv_lora_rank,
-            qk_head_dim=self.qk_nope_head_dim,
-            qk_pos_emb_head_dim=self.qk_rope_head_dim,
-            v_head_dim=self.v_head_dim,
             qk_layernorm=True,  # the local MLA spec drops kv_a_layernorm without it
             rope_type="yarn",
-            rotary_base=self.rope_theta,
-            rotary_scaling_factor=self.rope_factor,
-            original_max_position_embeddings=self.original_max_position_embeddings,
-            beta_fast=self.beta_fast,
-            beta_slow=self.beta_slow,
-            mscale=self.mscale,
-            mscale_all_dim=self.mscale_all_dim,
             rotary_interleaved=False,
             normalization="RMSNorm",
-            layernorm_epsilon=self.rms_norm_eps,
             gated_linear_unit=True,
             activation_func=F.silu,
             add_bias_linear=False,
             add_qkv_bias=False,
             hidden_dropout=0.0,
             attention_dropout=0.0,
-            init_method_std=self.init_std,
             params_dtype=torch.float32,
             pipeline_dtype=torch.float32,
             tensor_model_parallel_size=layout.tp,

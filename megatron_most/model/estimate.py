@@ -22,15 +22,14 @@ more than one process; the parallel groups built for counting are TP=PP=EP=1.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import re
 
-import torch
-
 from megatron_most.model.config import MoSTConfig
-from megatron_most.options import ConfigError, require
+from megatron_most.model.layout import check_layout, default_world_size, stage_layers
+from megatron_most.model.most import build_meta_model, single_rank_groups
+from megatron_most.options import require
 from megatron_most.platform.layout import ParallelLayout
 
 CATEGORIES = (
@@ -119,67 +118,9 @@ class ParameterCounts:
         return sum(self.by_category.values())
 
 
-@contextlib.contextmanager
-def _single_rank_groups(most: MoSTConfig):
-    """Megatron's parallel groups at TP=PP=EP=1 for building the whole model in this process.
-
-    Initialises (and afterwards shuts down) a one-process group when none exists. An existing
-    one is reused only if its model-parallel sizes are all 1: a model built under TP/PP/EP
-    would hold only this rank's shard.
-    """
-    from megatron.core import parallel_state
-
-    if parallel_state.model_parallel_is_initialized():
-        sizes = (
-            parallel_state.get_tensor_model_parallel_world_size(),
-            parallel_state.get_pipeline_model_parallel_world_size(),
-            parallel_state.get_expert_model_parallel_world_size(),
-        )
-        if sizes != (1, 1, 1):
-            raise ConfigError(
-                f"count_parameters needs the whole model, but this process has TP/PP/EP groups of sizes {sizes}: "
-                "call it before initialising model parallelism or from a separate process (tools/estimate.py)"
-            )
-        yield
-        return
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        raise ConfigError(
-            "count_parameters: torch.distributed is initialised without Megatron's groups; call it in a fresh process"
-        )
-    from megatron_most.platform import initialize, shutdown
-
-    initialize(ParallelLayout(), num_experts=most.mamoe.num_experts)
-    try:
-        yield
-    finally:
-        shutdown()
-
-
-def build_meta_model(most: MoSTConfig):
-    """The whole MoSTModel (TP=PP=EP=1) with every parameter on the meta device (no storage).
-
-    Megatron's linears allocate on `torch.cuda.current_device()` unless use_cpu_initialization
-    is set, in which case they follow the default device (here: meta); perform_initialization
-    is off because there is nothing to initialise. Non-parameter buffers are still allocated:
-    Megatron builds the YaRN cos/sin caches on the CPU whatever the default device (about 2 MiB
-    per layer for DeepSeek-V2-Lite).
-    Must run inside `_single_rank_groups`.
-    """
-    from megatron_most.model.most import build_model
-
-    config = most.transformer_config(ParallelLayout(), perform_initialization=False, use_cpu_initialization=True)
-    # Local modules: TE allocates on the GPU whatever the default device; counts are identical.
-    with torch.device("meta"):
-        model = build_model(most, config, use_te=False)
-    real = [name for name, p in model.named_parameters() if not p.is_meta]
-    if real:
-        raise RuntimeError(f"build_meta_model: parameters {real[:5]} were allocated off the meta device")
-    return model
-
-
 def count_parameters(most: MoSTConfig) -> ParameterCounts:
     """Count the parameters of the real MoSTModel for `most`, built on the meta device."""
-    with _single_rank_groups(most):
+    with single_rank_groups(most):
         model = build_meta_model(most)
         layers: list[dict] = [{} for _ in range(most.num_layers)]
         first: dict = {}
@@ -314,63 +255,6 @@ class Estimate:
             total_bytes=peak.total_bytes,
         )
         return out
-
-
-def stage_layers(
-    most: MoSTConfig, layout: ParallelLayout, first: int | None = None, last: int | None = None
-) -> list[tuple[int, int]]:
-    """[start, end) decoder layers of each pipeline stage, by Megatron's own split functions."""
-    from megatron.core.transformer.transformer_block import get_num_layers_to_build
-    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
-
-    n, pp = most.num_layers, layout.pp
-    require(pp <= n, f"pipeline-parallel size {pp} exceeds the {n} decoder layers: lower --pp")
-    overrides = {}
-    if pp > 1 and first is not None:
-        overrides["num_layers_in_first_pipeline_stage"] = first
-    if pp > 1 and last is not None:
-        overrides["num_layers_in_last_pipeline_stage"] = last
-    try:
-        config = most.transformer_config(layout, **overrides)
-        spans = []
-        for rank in range(pp):
-            start = get_transformer_layer_offset(config, pp_rank=rank) if pp > 1 else 0
-            spans.append((start, start + get_num_layers_to_build(config, pp_rank=rank)))
-    except (ValueError, AssertionError) as err:
-        raise ConfigError(
-            f"{n} layers do not split over pp={pp} (first stage {first}, last stage {last}): {err}"
-        ) from err
-    covered = [i for a, b in spans for i in range(a, b)]
-    require(
-        covered == list(range(n)) and all(b > a for a, b in spans),
-        f"pipeline split {spans} of {n} layers over pp={pp} is not a partition with a layer on every stage",
-    )
-    return spans
-
-
-def check_layout(most: MoSTConfig, layout: ParallelLayout) -> None:
-    """ConfigError unless every tensor Megatron splits divides evenly at `layout`."""
-    layout.check_experts(most.mamoe.num_experts)
-    tp, etp = layout.tp, layout.expert_tp
-    checks = [
-        ("num_attention_heads", most.num_attention_heads, tp, "--tp"),
-        ("dense_ffn_size", most.dense_ffn_size, tp, "--tp"),
-        ("moe_ffn_size", most.moe_ffn_size, etp, "--etp"),
-    ]
-    if most.mamoe.has_shared_experts:
-        checks.append(("mamoe.shared_expert_size", most.mamoe.shared_expert_size, tp, "--tp"))
-    rows = most.tokens.padded_size
-    checks.append(("tokens.padded_size (padded vocabulary)", rows, tp, "--tp"))
-    for field, value, size, flag in checks:
-        require(
-            value % size == 0,
-            f"MoSTConfig.{field}={value} is not divisible by {flag.lstrip('-')}={size}: change {flag}",
-        )
-
-
-def default_world_size(layout: ParallelLayout) -> int:
-    """Smallest world size the layout fits: lcm(tp*pp, etp*ep*pp) (one dense or expert replica)."""
-    return math.lcm(layout.tp * layout.pp, layout.expert_tp * layout.ep * layout.pp)
 
 
 def _per_gpu(counts: dict, most: MoSTConfig, layout: ParallelLayout) -> tuple[int, int]:

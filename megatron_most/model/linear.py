@@ -7,13 +7,26 @@ ColumnParallelLinear: each TP rank then keeps only its own columns of the gradie
 (a 1e-4-scale gradient error at TP2; Transformer Engine's spec avoids it with a duplicated
 TELinear). This layer is that duplicated projection without TE: full weights on every rank,
 sequence-parallel input, weight gradients summed over TP by finalize_model_grads.
+
+`LocalMLASelfAttention` is the local spec's attention module that accepts it: Megatron's MLA
+takes a replicated kv down-projection only under its module-level name `Linear`, which is
+bound to a TE-era class (None without Transformer Engine). The subclass points that name at
+`ReplicatedLinear` for the duration of its own constructor and restores it afterwards, so no
+other model in the process (a TE build included) sees a change.
 """
 
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import torch
 import torch.nn.functional as F
+from megatron.core.transformer import multi_latent_attention
+from megatron.core.transformer.multi_latent_attention import MLASelfAttention
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+_seam = threading.Lock()
 
 
 class ReplicatedLinear(torch.nn.Module):
@@ -35,3 +48,23 @@ class ReplicatedLinear(torch.nn.Module):
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         state = self.state_dict(prefix="", keep_vars=True)
         return make_sharded_tensors_for_checkpoint(state, prefix, {}, sharded_offsets)  # replicated
+
+
+@contextlib.contextmanager
+def _mla_accepts(linear: type):
+    """Megatron seam: MLA checks its kv_down class against the module-level `Linear`."""
+    with _seam:
+        saved = multi_latent_attention.Linear
+        multi_latent_attention.Linear = linear
+        try:
+            yield
+        finally:
+            multi_latent_attention.Linear = saved
+
+
+class LocalMLASelfAttention(MLASelfAttention):
+    """MLASelfAttention whose spec may name `ReplicatedLinear` for linear_kv_down_proj."""
+
+    def __init__(self, *args, **kwargs):
+        with _mla_accepts(ReplicatedLinear):
+            super().__init__(*args, **kwargs)

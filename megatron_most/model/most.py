@@ -18,15 +18,18 @@ input; they reach the MAMoE layers through Megatron's `padding_mask` argument (m
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.models.gpt import GPTModel
 
 from megatron_most.model.config import MoSTConfig
 from megatron_most.model.packing import segment_mask
+from megatron_most.model.spec import decoder_block_spec
 from megatron_most.moe import mamoe_block_spec, pack_routing_info
 from megatron_most.options import ConfigError
-from megatron_most.platform import has_transformer_engine
+from megatron_most.platform import ParallelLayout, has_transformer_engine, initialize, shutdown
 
 
 class MoSTModel(GPTModel):
@@ -48,7 +51,7 @@ class MoSTModel(GPTModel):
             )
         super().__init__(
             config,
-            mamoe_block_spec(config, most.mamoe, vp_stage=vp_stage, use_te=use_te),
+            mamoe_block_spec(decoder_block_spec(config, vp_stage=vp_stage, use_te=use_te), config, most.mamoe),
             vocab_size=most.tokens.padded_size,
             max_sequence_length=most.max_position_embeddings,
             pre_process=pre_process,
@@ -151,3 +154,55 @@ def build_model(most: MoSTConfig, config, *, vp_stage=None, use_te: bool | None 
         vp_stage=vp_stage,
         use_te=use_te,
     )
+
+
+@contextlib.contextmanager
+def single_rank_groups(most: MoSTConfig):
+    """Megatron's parallel groups at TP=PP=EP=1 for building the whole model in this process.
+
+    Initialises (and afterwards shuts down) a one-process group when none exists. An existing
+    one is reused only if its model-parallel sizes are all 1: a model built under TP/PP/EP
+    would hold only this rank's shard.
+    """
+    if parallel_state.model_parallel_is_initialized():
+        sizes = (
+            parallel_state.get_tensor_model_parallel_world_size(),
+            parallel_state.get_pipeline_model_parallel_world_size(),
+            parallel_state.get_expert_model_parallel_world_size(),
+        )
+        if sizes != (1, 1, 1):
+            raise ConfigError(
+                f"building the whole model needs TP=PP=EP=1, but this process has TP/PP/EP groups of sizes {sizes}: "
+                "call it before initialising model parallelism or from a separate process (tools/estimate.py)"
+            )
+        yield
+        return
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        raise ConfigError(
+            "building the whole model: torch.distributed is initialised without Megatron's groups; call it in a fresh process"
+        )
+    initialize(ParallelLayout(), num_experts=most.mamoe.num_experts)
+    try:
+        yield
+    finally:
+        shutdown()
+
+
+def build_meta_model(most: MoSTConfig):
+    """The whole MoSTModel (TP=PP=EP=1) with every parameter on the meta device (no storage).
+
+    Megatron's linears allocate on `torch.cuda.current_device()` unless use_cpu_initialization
+    is set, in which case they follow the default device (here: meta); perform_initialization
+    is off because there is nothing to initialise. Non-parameter buffers are still allocated:
+    Megatron builds the YaRN cos/sin caches on the CPU whatever the default device (about 2 MiB
+    per layer for DeepSeek-V2-Lite).
+    Must run inside `single_rank_groups`.
+    """
+    config = most.transformer_config(ParallelLayout(), perform_initialization=False, use_cpu_initialization=True)
+    # Local modules: TE allocates on the GPU whatever the default device; counts are identical.
+    with torch.device("meta"):
+        model = build_model(most, config, use_te=False)
+    real = [name for name, p in model.named_parameters() if not p.is_meta]
+    if real:
+        raise RuntimeError(f"build_meta_model: parameters {real[:5]} were allocated off the meta device")
+    return model

@@ -11,14 +11,14 @@ import dataclasses
 
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.tensor_parallel import ColumnParallelLinear
-from megatron.core.transformer import TransformerConfig, multi_latent_attention
+from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.dot_product_attention import DotProductAttention
-from megatron.core.transformer.multi_latent_attention import MLASelfAttentionSubmodules
+from megatron.core.transformer.multi_latent_attention import MLASelfAttention, MLASelfAttentionSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
 from megatron_most.model.attention import SDPACoreAttention
-from megatron_most.model.linear import ReplicatedLinear
+from megatron_most.model.linear import LocalMLASelfAttention, ReplicatedLinear
 from megatron_most.model.norm import Norm
 from megatron_most.platform import has_transformer_engine
 
@@ -55,14 +55,14 @@ def decoder_block_spec(config: TransformerConfig, *, vp_stage: int | None = None
 
 
 def _replicated_kv_down(spec):
-    """Use ReplicatedLinear for MLA's kv down-projection (see model.linear)."""
-    # Megatron seam: MLA accepts a replicated kv_down only under its module-level name `Linear`
-    # (bound to a Transformer-Engine-era class, or None); point that name at ours.
-    multi_latent_attention.Linear = ReplicatedLinear
+    """MLA's kv down-projection as ReplicatedLinear, in the attention module that accepts it
+    (see model.linear)."""
 
     def visit(node):
         if isinstance(node, MLASelfAttentionSubmodules) and node.linear_kv_down_proj is ColumnParallelLinear:
             return dataclasses.replace(node, linear_kv_down_proj=ReplicatedLinear)
+        if isinstance(node, ModuleSpec) and node.module is MLASelfAttention:
+            return dataclasses.replace(node, module=LocalMLASelfAttention)
         return node
 
     return map_spec(spec, visit)

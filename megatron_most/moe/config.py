@@ -6,9 +6,6 @@ from typing import Literal
 
 from megatron_most.options import ConfigError, options, require
 
-TEXT, AUDIO = 0, 1
-"""Modality ids carried by every token (padding is marked separately, see moe.layer)."""
-
 
 @options
 class MAMoEConfig:

@@ -1,10 +1,12 @@
 """MAMoELayer: Megatron's MoELayer with per-token modality ids and expert placement.
 
-Modality ids travel the way Megatron threads `padding_mask` (GPTModel -> TransformerBlock ->
-TransformerLayer -> MLP), which already survives full and selective activation recompute (it
-is a checkpoint input) and is split along the sequence under sequence parallelism on the first
-pipeline stage. MAMoE sends one int8 tensor through that argument, the *routing info*
-[batch, seq]: -1 padding, 0 text, 1 audio (`pack_routing_info`). This layer splits it along the
+Modality ids travel the way Megatron threads its `padding_mask` argument (GPTModel ->
+TransformerBlock -> TransformerLayer -> MLP -> router), which already survives full and selective
+activation recompute (it is a checkpoint input) and is split along the sequence under sequence
+parallelism on the first pipeline stage. MAMoE sends its *routing info* through that argument:
+one int8 [batch, seq] tensor from `moe.modality.pack_routing_info` (padding, text, audio). Where
+Megatron's signatures name it `padding_mask` (MoELayer.forward, TopKRouter.routing) we keep the
+name; everywhere else it is `routing_info`. This layer splits it along the
 sequence on later pipeline stages too (Megatron 0.16.1 splits only on the first), hands it to
 the MAMoE router, and uses the MAMoE dispatcher for placement.
 """
@@ -18,29 +20,6 @@ from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 
 from megatron_most.moe.config import MAMoEConfig
 from megatron_most.moe.dispatcher import MAMoEAlltoAllDispatcher
-from megatron_most.moe.router import PADDING
-
-
-def pack_routing_info(modality_ids: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Combine modality ids [batch, seq] (0 text / 1 audio) and an optional padding mask
-    [batch, seq] (True = padding) into the routing info that MAMoE layers read."""
-    if modality_ids.dim() != 2:
-        raise ValueError(f"modality_ids must be [batch, seq], got shape {tuple(modality_ids.shape)}")
-    if modality_ids.dtype.is_floating_point or modality_ids.dtype == torch.bool:
-        raise ValueError(f"modality_ids must be an integer tensor, got {modality_ids.dtype}")
-    bad = (modality_ids != 0) & (modality_ids != 1)
-    if bad.any():
-        value = modality_ids[bad][0].item()
-        raise ValueError(f"modality_ids contains {value}: ids must be 0 (text) or 1 (audio)")
-    info = modality_ids.to(torch.int8)
-    if padding_mask is not None:
-        if padding_mask.shape != modality_ids.shape:
-            raise ValueError(
-                f"padding_mask shape {tuple(padding_mask.shape)} does not match modality_ids "
-                f"shape {tuple(modality_ids.shape)}"
-            )
-        info = info.masked_fill(padding_mask.bool(), PADDING)
-    return info
 
 
 class MAMoELayer(MoELayer):
@@ -62,24 +41,24 @@ class MAMoELayer(MoELayer):
             self.token_dispatcher.set_shared_experts(self.shared_experts)
 
     def forward(self, hidden_states, intermediate_tensors=None, padding_mask=None):
-        """hidden_states [seq, batch, hidden]; padding_mask is the routing info [batch, seq]."""
+        """hidden_states [seq, batch, hidden]; `padding_mask` is the routing info [batch, seq]."""
         if intermediate_tensors is not None:
             raise NotImplementedError("MAMoELayer does not support the EP-overlap partial forward")
         if self.training and self.attn_tp_group.size() > 1 and not self.config.sequence_parallel:
             raise ValueError("MoE with tensor parallelism needs sequence_parallel=True for training")
-        info = self._local_routing_info(padding_mask, hidden_states)  # [seq, batch] int8
+        routing_info = self._local_routing_info(padding_mask, hidden_states)  # [seq, batch] int8
 
-        def moe(hidden_states, info):
+        def moe(hidden_states, routing_info):
             shared = self.shared_experts_compute(hidden_states)
-            probs, routing_map = self.route(hidden_states, info)
+            probs, routing_map = self.route(hidden_states, routing_info)
             hidden_states, probs = self.preprocess(hidden_states, probs, routing_map)
             dispatched, probs = self.dispatch(hidden_states, probs)
             output, mlp_bias = self.routed_experts_compute(dispatched, probs)
             return self.postprocess(self.combine(output), shared), mlp_bias
 
         if self.moe_layer_recompute:
-            return tensor_parallel.checkpoint(moe, False, hidden_states, info)
-        return moe(hidden_states, info)
+            return tensor_parallel.checkpoint(moe, False, hidden_states, routing_info)
+        return moe(hidden_states, routing_info)
 
     def _local_routing_info(self, info, hidden_states):
         seq, batch = hidden_states.shape[:2]

@@ -13,9 +13,8 @@ from megatron.core.transformer.moe.router import TopKRouter
 
 from megatron_most.moe import routing
 from megatron_most.moe.config import MAMoEConfig
+from megatron_most.moe.modality import AUDIO, PADDING, TEXT
 from megatron_most.moe.stats import RoutingStats
-
-PADDING = -1
 
 
 class MAMoERouter(TopKRouter):
@@ -60,8 +59,8 @@ class MAMoERouter(TopKRouter):
         else:
             text, audio = (torch.tensor(g, device=probs.device) for g in self.groups)
             terms = [
-                ("text_load_balancing_loss", valid & (modality == 0), text),
-                ("audio_load_balancing_loss", valid & (modality == 1), audio),
+                ("text_load_balancing_loss", valid & (modality == TEXT), text),
+                ("audio_load_balancing_loss", valid & (modality == AUDIO), audio),
             ]
         coeff = self.mamoe.balance_coeff
         for name, tokens, experts in terms:

@@ -15,7 +15,6 @@ from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from megatron_most.model.spec import decoder_block_spec
 from megatron_most.moe.config import MAMoEConfig
 from megatron_most.moe.experts import PlacedSequentialMLP
 from megatron_most.moe.layer import MAMoELayer
@@ -24,15 +23,15 @@ from megatron_most.moe.router import MAMoERouter
 from megatron_most.options import ConfigError
 
 
-def mamoe_block_spec(config, mamoe: MAMoEConfig, *, vp_stage: int | None = None, use_te: bool | None = None):
-    """Decoder block spec for this pipeline stage, with every MoE layer a MAMoE layer."""
+def mamoe_block_spec(block, config, mamoe: MAMoEConfig):
+    """`block` (a decoder block spec for this pipeline stage, e.g. `model.spec.decoder_block_spec`)
+    with every MoE layer a MAMoE layer."""
     if config.num_moe_experts != mamoe.num_experts:
         raise ConfigError(
             f"TransformerConfig.num_moe_experts={config.num_moe_experts} but MAMoEConfig.num_experts="
             f"{mamoe.num_experts}: build the config with mamoe.megatron_fields()"
         )
     slots = logical_of_physical(mamoe, parallel_state.get_expert_model_parallel_world_size())
-    block = decoder_block_spec(config, vp_stage=vp_stage, use_te=use_te)
     return dataclasses.replace(block, layer_specs=[_to_mamoe(layer, mamoe, slots) for layer in block.layer_specs])
 
 

@@ -5,8 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from matplotlib.figure import Figure
+from megatron.core import parallel_state
 
-MODALITIES = ("text", "audio")
+from megatron_most.moe.modality import NAMES
+from megatron_most.platform import device
 
 
 class RoutingStats:
@@ -15,8 +18,8 @@ class RoutingStats:
     the router again inside backward) is not counted twice."""
 
     def __init__(self, num_experts: int):
-        self.tokens = torch.zeros(len(MODALITIES), num_experts, dtype=torch.float64)
-        self.weight = torch.zeros(len(MODALITIES), num_experts, dtype=torch.float64)
+        self.tokens = torch.zeros(len(NAMES), num_experts, dtype=torch.float64)
+        self.weight = torch.zeros(len(NAMES), num_experts, dtype=torch.float64)
 
     @torch.no_grad()
     def update(self, routing_map, probs, modality, valid) -> None:
@@ -25,7 +28,7 @@ class RoutingStats:
             return
         if self.tokens.device != probs.device:  # stay on the router's device: no host sync per layer
             self.tokens, self.weight = self.tokens.to(probs.device), self.weight.to(probs.device)
-        rows = torch.nn.functional.one_hot(modality, len(MODALITIES)).double() * valid.unsqueeze(-1)  # [tokens, 2]
+        rows = torch.nn.functional.one_hot(modality, len(NAMES)).double() * valid.unsqueeze(-1)  # [tokens, 2]
         self.tokens += rows.t() @ routing_map.double()
         self.weight += rows.t() @ probs.double()
 
@@ -40,18 +43,15 @@ def collect(model: torch.nn.Module, reset: bool = True) -> dict:
     Returns {"tokens": [layers, 2, experts], "mean_weight": [layers, 2, experts], "layers":
     [global layer numbers]} on every rank; layers without MoE are left out.
     """
-    from megatron_most.moe.router import MAMoERouter
-    from megatron_most.platform import device
-
     dev = device() if torch.distributed.is_initialized() else torch.device("cpu")
-    routers = [m for m in model.modules() if isinstance(m, MAMoERouter)]
+    routers = [m for m in model.modules() if isinstance(getattr(m, "stats", None), RoutingStats)]
     num_layers = routers[0].config.num_layers if routers else 0
     num_experts = routers[0].mamoe.num_experts if routers else 0
     sizes = torch.tensor([num_layers, num_experts], dtype=torch.long, device=dev)
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(sizes, op=torch.distributed.ReduceOp.MAX)
     num_layers, num_experts = sizes.tolist()
-    table = torch.zeros(2, num_layers, len(MODALITIES), num_experts, dtype=torch.float64, device=dev)
+    table = torch.zeros(2, num_layers, len(NAMES), num_experts, dtype=torch.float64, device=dev)
     present = torch.zeros(num_layers, dtype=torch.float64, device=dev)
     for router in routers:
         table[0, router.layer_number - 1] += router.stats.tokens.to(dev)
@@ -77,8 +77,6 @@ def collect(model: torch.nn.Module, reset: bool = True) -> dict:
 
 
 def _replication(routers, dev) -> float:
-    from megatron.core import parallel_state
-
     replicated = routers and not routers[0].config.sequence_parallel
     factor = torch.tensor([parallel_state.get_tensor_model_parallel_world_size() if replicated else 1.0], device=dev)
     torch.distributed.all_reduce(factor, op=torch.distributed.ReduceOp.MAX)
@@ -86,16 +84,13 @@ def _replication(routers, dev) -> float:
 
 
 def heatmap(stats: dict, path: str | Path, title: str = "MAMoE routing") -> Path:
-    """Render token shares per layer x expert, one panel per modality, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Render token shares per layer x expert, one panel per modality, as a PNG (matplotlib's
+    object API: no pyplot, no process-wide backend)."""
     tokens = stats["tokens"]  # [layers, modality, experts]
     share = tokens / tokens.sum(-1, keepdim=True).clamp(min=1)
-    fig, axes = plt.subplots(1, len(MODALITIES), figsize=(12, 1.5 + 0.35 * len(stats["layers"])), squeeze=False)
-    for m, name in enumerate(MODALITIES):
+    fig = Figure(figsize=(12, 1.5 + 0.35 * len(stats["layers"])))
+    axes = fig.subplots(1, len(NAMES), squeeze=False)
+    for m, name in enumerate(NAMES):
         ax = axes[0, m]
         image = ax.imshow(share[:, m].numpy(), aspect="auto", cmap="viridis", vmin=0)
         slots = int(tokens[:, m].sum().item() / max(1, len(stats["layers"])))
@@ -108,5 +103,4 @@ def heatmap(stats: dict, path: str | Path, title: str = "MAMoE routing") -> Path
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path

@@ -1,5 +1,12 @@
-"""Device and backend selection: NCCL + CUDA (+ Transformer Engine) on GPUs, gloo + CPU elsewhere."""
+"""Floor 1: device and backend selection (NCCL + CUDA (+ Transformer Engine) on GPUs, gloo + CPU
+elsewhere), parallel layout checks, CPU compatibility for Megatron-Core, spawning local ranks.
+Nothing here imports from a higher floor.
+"""
 
+# isort: off
+from megatron_most.platform import quiet_import  # noqa: F401 - first: silences Megatron's import-time warnings
+
+# isort: on
 from megatron_most.platform.layout import ParallelLayout
 from megatron_most.platform.runtime import (
     backend,

@@ -29,9 +29,13 @@ chooses CPU-friendly paths still does. Each item is exercised by tests/test_comp
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import threading
 
 import torch
+from megatron.core.tensor_parallel import random as mcore_random
+from megatron.core.transformer import multi_latent_attention
+from megatron.core.transformer.moe import moe_utils, token_dispatcher
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -162,8 +166,6 @@ def _patch_torch_cuda() -> None:
 
 def _patch_megatron() -> None:
     """Megatron-Core internals the mode and the torch.cuda stand-ins cannot reach."""
-    from megatron.core.tensor_parallel import random as mcore_random
-    from megatron.core.transformer.moe import moe_utils, token_dispatcher
 
     # The RNG tracker sets state through torch.cuda._lazy_call, which on a CPU-only build
     # queues the callback forever; read and write the CPU generator directly instead.
@@ -186,10 +188,6 @@ def patch_missing_transformer_engine() -> None:
     moe_utils never defines `te_general_gemm`, so the router's gating GEMM raises NameError;
     multi_latent_attention imports Megatron's TE extension, which succeeds with mocks, so it sets
     HAVE_TE=True and `isinstance(..., TELinear)` fails on the mock."""
-    import importlib.util
-
-    from megatron.core.transformer import multi_latent_attention
-    from megatron.core.transformer.moe import moe_utils
 
     if importlib.util.find_spec("transformer_engine") is not None:
         return

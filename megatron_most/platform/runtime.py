@@ -14,7 +14,9 @@ import os
 import socket
 
 import torch
+from megatron.core import parallel_state, tensor_parallel
 
+from megatron_most.options import ConfigError
 from megatron_most.platform import compat_cpu
 from megatron_most.platform.layout import ParallelLayout
 from megatron_most.platform.version import check_megatron_core
@@ -42,7 +44,6 @@ def device() -> torch.device:
 def choose_device(choice: str, *, field: str = "device") -> torch.device:
     """Device of a single-process job (audio loading, HuBERT): "cpu", "gpu" or "auto" (the GPU when
     there is one). ConfigError for "gpu" on a machine without CUDA."""
-    from megatron_most.options import ConfigError
 
     if choice not in ("cpu", "gpu", "auto"):
         raise ConfigError(f"{field}={choice!r}: use 'cpu', 'gpu' or 'auto'")
@@ -103,7 +104,6 @@ def initialize(
     `timeout_s`, so a dead rank ends the job with an error. Returns the data-parallel size.
     Without torchrun's variables it runs as a single process.
     """
-    from megatron.core import parallel_state, tensor_parallel
 
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     dp = layout.dp(world_size)
@@ -131,8 +131,6 @@ def initialize(
 
 
 def shutdown() -> None:
-    from megatron.core import parallel_state
-
     parallel_state.destroy_model_parallel()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

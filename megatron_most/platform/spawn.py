@@ -21,6 +21,10 @@ import socket
 import time
 import traceback
 
+import torch
+
+from megatron_most.platform.runtime import shutdown
+
 
 class RankError(AssertionError):
     """A rank failed, died or did not finish (an AssertionError so a test reports it as a failure)."""
@@ -43,7 +47,6 @@ def _rank_main(body, args, kwargs, rank, world_size, port, threads, results):
         OMP_NUM_THREADS=str(threads),
         PYTHONWARNINGS="ignore",
     )
-    import torch
 
     torch.set_num_threads(threads)
     try:
@@ -54,8 +57,6 @@ def _rank_main(body, args, kwargs, rank, world_size, port, threads, results):
         results.put((rank, False, traceback.format_exc()))
     finally:
         if torch.distributed.is_initialized():
-            from megatron_most.platform import shutdown
-
             shutdown()
 
 

@@ -1,1 +1,3 @@
-"""Training: Megatron-Core DDP + optimizer wiring and the training step."""
+"""Floor 5: training on Megatron-Core's parts: DDP + optimizer wiring and the step on its
+schedules (`engine`), and the parallel self-check (`selfcheck`). Imports every floor below.
+"""

@@ -17,6 +17,8 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megatron_most.platform.runtime import device
+
 
 @dataclasses.dataclass(frozen=True)
 class StepResult:
@@ -34,7 +36,6 @@ def wrap(
 ) -> tuple[DistributedDataParallel, object]:
     """Move `model` to this rank's device, DDP-wrap it and build the Megatron optimizer for it;
     installs the schedule hooks."""
-    from megatron_most.platform import device
 
     model.to(device())  # modules of ours (norms, audio projection) are built on the CPU
     ddp_config = DistributedDataParallelConfig(

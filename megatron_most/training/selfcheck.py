@@ -33,9 +33,21 @@ import tempfile
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.optimizer import OptimizerConfig
+from megatron.core.transformer import TransformerConfig
 
+from megatron_most.model.checkpoint import load_values, save_values
+from megatron_most.model.config import tiny
+from megatron_most.model.loss import lm_loss
+from megatron_most.model.most import build_model as build_most
+from megatron_most.model.spec import decoder_block_spec
+from megatron_most.moe import MAMoEConfig, mamoe_block_spec, pack_routing_info, stats
 from megatron_most.platform.layout import ParallelLayout
 from megatron_most.platform.runtime import fusion_settings, initialize
+from megatron_most.training.engine import forward_backward, train_step, wrap
 
 NUM_EXPERTS = 4
 SEQ, MICRO, GLOBAL, VOCAB = 32, 2, 8, 128
@@ -53,7 +65,6 @@ it by 1e-3 or more."""
 def mamoe_config():
     """MAMoE for the check: experts {0, 1} text, {2, 3} audio (the release's split in small), top-2.
     With EP2 the balanced placement puts one text and one audio expert on each rank."""
-    from megatron_most.moe import MAMoEConfig
 
     return MAMoEConfig(
         num_experts=NUM_EXPERTS,
@@ -76,8 +87,6 @@ def num_experts(kind: str) -> int:
 
 
 def most_config():
-    from megatron_most.model.config import tiny
-
     return tiny()
 
 
@@ -85,18 +94,9 @@ def build_model(layout: ParallelLayout, kind: str = "moe", recompute: str | None
     """The check's model for this pipeline stage. moe/mamoe: a 4-layer GPT (first layer dense,
     shared expert, top-2 of 4 experts). `recompute`: None, "selective" (MoE) or "full"."""
     if kind == "most":
-        from megatron_most.model.most import build_model as build_most
-
         most = most_config()
         return build_most(most, most.transformer_config(layout, **_RECOMPUTE[recompute]))
     mamoe = kind == "mamoe"
-    import torch.nn.functional as F
-    from megatron.core import parallel_state
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.transformer import TransformerConfig
-
-    from megatron_most.model.spec import decoder_block_spec
-    from megatron_most.moe import mamoe_block_spec
 
     config = TransformerConfig(
         num_layers=4,
@@ -122,7 +122,9 @@ def build_model(layout: ParallelLayout, kind: str = "moe", recompute: str | None
         **_RECOMPUTE[recompute],
         **fusion_settings(),
     )
-    spec = mamoe_block_spec(config, mamoe_config()) if mamoe else decoder_block_spec(config)
+    spec = decoder_block_spec(config)
+    if mamoe:
+        spec = mamoe_block_spec(spec, config, mamoe_config())
     return GPTModel(
         config,
         spec,
@@ -153,7 +155,6 @@ _RECOMPUTE = {
 
 def _batches(step: int, kind: str = "moe"):
     """This data-parallel rank's micro-batches of the global batch of `step`."""
-    from megatron.core import parallel_state
 
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
@@ -172,8 +173,6 @@ def modality_of(tokens: torch.Tensor) -> torch.Tensor:
 
 
 def _forward_step(data_iterator, model, kind: str = "moe"):
-    from megatron_most.moe import pack_routing_info
-
     batch = next(data_iterator).to(next(model.parameters()).device)  # [micro, seq+1]
     tokens, labels = batch[:, :-1], batch[:, 1:]
     positions = torch.arange(SEQ, device=batch.device).expand_as(tokens)
@@ -192,8 +191,6 @@ def _forward_step(data_iterator, model, kind: str = "moe"):
 
 
 def _most_forward_step(model, tokens, labels, positions, padding):
-    from megatron_most.model.loss import lm_loss
-
     layout = most_config().tokens
     frames = int((tokens == layout.feature).sum())
     gen = torch.Generator().manual_seed(int(tokens.sum()))  # same micro-batch, same features
@@ -227,7 +224,6 @@ def _data_parallel_size(model) -> int:
 
 def _backward_once(model, kind: str):
     """Wrap `model` in DDP and run one forward-backward over the step-0 batch: (ddp, loss)."""
-    from megatron_most.training.engine import forward_backward, wrap
 
     ddp, _ = wrap(model, _optimizer_config(distributed=False))
     ddp.zero_grad_buffer()
@@ -236,8 +232,6 @@ def _backward_once(model, kind: str):
 
 
 def _train(model, kind: str, steps: int, dist_opt: bool):
-    from megatron_most.training.engine import train_step, wrap
-
     ddp, optimizer = wrap(model, _optimizer_config(distributed=dist_opt))
     step = functools.partial(_forward_step, kind=kind)
     kwargs = _schedule(_data_parallel_size(model))
@@ -245,8 +239,6 @@ def _train(model, kind: str, steps: int, dist_opt: bool):
 
 
 def _optimizer_config(distributed: bool):
-    from megatron.core.optimizer import OptimizerConfig
-
     return OptimizerConfig(
         optimizer="adam",
         lr=LR,
@@ -257,41 +249,6 @@ def _optimizer_config(distributed: bool):
         use_distributed_optimizer=distributed,
         params_dtype=torch.float32,
     )
-
-
-@contextlib.contextmanager
-def _params_hold(module, values: dict):
-    """Temporarily point each parameter's data at `values[name]` (e.g. its gradient)."""
-    params = dict(module.named_parameters())
-    saved = {name: p.data for name, p in params.items()}
-    try:
-        for name, p in params.items():
-            p.data = values[name]
-        yield
-    finally:
-        for name, p in params.items():
-            p.data = saved[name]
-
-
-def save_values(module, values: dict, path: Path) -> None:
-    """Save per-parameter tensors (weights or gradients) as a torch_dist checkpoint."""
-    from megatron.core import dist_checkpointing
-
-    path.mkdir(parents=True, exist_ok=True)
-    with _params_hold(module, values):
-        dist_checkpointing.save(module.sharded_state_dict(), str(path))
-
-
-def load_values(module, path: Path) -> dict:
-    """This rank's shards of a torch_dist checkpoint, keyed by parameter name, resharded to
-    the current layout; the module's own weights are left untouched."""
-    from megatron.core import dist_checkpointing
-
-    fresh = {name: torch.zeros_like(p) for name, p in module.named_parameters()}
-    with _params_hold(module, fresh):
-        loaded = dist_checkpointing.load(module.sharded_state_dict(), str(path))
-        module.load_state_dict(loaded, strict=False)
-    return fresh
 
 
 def _weights(module) -> dict:
@@ -343,7 +300,7 @@ def _run_reference(workdir: Path, steps: int, kind: str, timeout_s: float) -> st
     cmd = [
         sys.executable,
         "-m",
-        "megatron_most.platform.selfcheck",
+        "megatron_most.training.selfcheck",
         "--reference",
         "--workdir",
         str(workdir),
@@ -392,7 +349,6 @@ def check(
 ) -> dict:
     """Run the comparison at `layout` (inside a torchrun job); returns the figures on every rank."""
     initialize(layout, num_experts=num_experts(kind), timeout_s=timeout_s)
-    from megatron.core import dist_checkpointing
 
     rank = torch.distributed.get_rank()
     with contextlib.ExitStack() as stack:
@@ -463,7 +419,6 @@ def check(
 def _routing_figures(model, kind: str) -> dict:
     """Tokens routed during training per MoE layer and modality, and how many reached an expert
     of the other group."""
-    from megatron_most.moe import stats
 
     text, audio = (most_config().mamoe if kind == "most" else mamoe_config()).groups()
     gathered = stats.collect(model)
