@@ -34,8 +34,10 @@ from pathlib import Path
 
 import torch
 
+from megatron_most.convert.hf_config import hf_config_fields
+from megatron_most.model.config import preset
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 SHARD_BYTES = 5 * 10**9
 POOL = 128 * 2**20  # elements (bf16): 256 MiB
@@ -99,9 +101,6 @@ def _numel(shape) -> int:
 
 def write_checkpoint(directory: Path, layers: int) -> int:
     """The random bf16 HF checkpoint (shards + index + config.json); returns the shard bytes."""
-    from megatron_most.convert.mapping import hf_config_fields
-    from megatron_most.model.config import preset
-
     most = preset("deepseek_v2_lite").replace(num_layers=layers)
     tensors = hf_tensors(layers, most)
     shards, current, size = [], [], 0

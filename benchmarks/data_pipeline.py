@@ -15,7 +15,9 @@ units, rendering, writing, merging); the share of that wall time not spent insid
 forward calls (summed over workers, divided by workers x wall; target <= 15%); training items
 (packed sequences) read per second (target >= 5000).
 
-    python benchmarks/data_pipeline.py [--utterances 200] [--hubert DIR] [--workers 1] [--device cpu]
+    python -m benchmarks.data_pipeline [--utterances 200] [--hubert DIR] [--workers 1] [--device cpu]
+
+from the repository root (the corpus comes from tests/speech.py; megatron_most is the installed package).
 
 The last line printed is `pack: X audio-h/min, non-model share Y%, read Z samples/s`.
 Measured here (2 CPU cores shared with other jobs, random mHuBERT-base shape, 200 utterances =
@@ -32,7 +34,17 @@ import time
 import warnings
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+import torch
+from transformers import HubertConfig, HubertModel
+
+from megatron_most.audio.units import UnitCodebook
+from megatron_most.data.blend import build_datasets
+from megatron_most.data.dataset import AudioTextDatasetConfig
+from megatron_most.data.preprocess import preprocess
+from megatron_most.data.preprocess_plan import PreprocessOptions
+from tests import speech
+
 warnings.filterwarnings("ignore")
 
 
@@ -50,12 +62,6 @@ def parse_args(argv=None):
 
 
 def make_inputs(work: Path, args) -> dict:
-    import torch
-    from transformers import HubertConfig, HubertModel
-
-    from megatron_most.audio.units import UnitCodebook
-    from tests import speech
-
     manifest = work / "corpus" / "manifest.jsonl"
     if not manifest.exists() or sum(1 for _ in manifest.open()) != args.utterances:
         start = time.perf_counter()
@@ -81,8 +87,6 @@ def make_inputs(work: Path, args) -> dict:
 
 
 def pack(work: Path, inputs: dict, args) -> dict:
-    from megatron_most.data.preprocess import PreprocessOptions, preprocess
-
     opts = PreprocessOptions(
         inputs=(str(inputs["manifest"]),),
         task="asr",
@@ -103,12 +107,6 @@ def pack(work: Path, inputs: dict, args) -> dict:
 
 
 def read_speed(prefix: str, header: dict, args) -> tuple[float, int]:
-    import numpy as np
-    import torch
-
-    from megatron_most.data.blend import build_datasets
-    from megatron_most.data.dataset import AudioTextDatasetConfig
-
     torch.set_num_threads(1)
     config = AudioTextDatasetConfig(
         random_seed=1234,

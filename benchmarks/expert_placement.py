@@ -20,34 +20,19 @@ import warnings
 warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402
-import torch.nn.functional as F
-from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 
 from megatron_most.moe import MAMoEConfig, MAMoERouter, pack_routing_info
 from megatron_most.moe.placement import logical_of_physical, rank_loads
-from megatron_most.platform import ParallelLayout, fusion_settings, initialize
+from megatron_most.platform import ParallelLayout, initialize
+from tests.mamoe_layers import layer_config
 
 EXPERTS, TOPK, EP = 64, 6, 8
 SHARES = (0.50, 0.80, 0.95)
 
 
 def build_router(mamoe, hidden):
-    config = TransformerConfig(
-        num_layers=1,
-        hidden_size=hidden,
-        num_attention_heads=4,
-        ffn_hidden_size=4 * hidden,
-        moe_ffn_hidden_size=64,
-        gated_linear_unit=True,
-        activation_func=F.silu,
-        add_bias_linear=False,
-        normalization="RMSNorm",
-        params_dtype=torch.float32,
-        moe_layer_freq=1,
-        **mamoe.megatron_fields(),
-        **fusion_settings(),
-    )
+    config = layer_config(mamoe, hidden=hidden, moe_ffn=64, heads=4, hidden_dropout=0.1)
     router = MAMoERouter(config, pg_collection=get_default_pg_collection(), mamoe=mamoe)
     router.set_layer_number(1)
     return router.eval()

@@ -1,4 +1,5 @@
-"""Forward+backward time of one MAMoE layer over Megatron-Core's own MoELayer, single rank, CPU.
+"""Forward+backward time of one MAMoE layer over Megatron-Core's own MoELayer, single rank, on
+the platform device (the GPU where there is one, else the CPU).
 
 Both layers have the same routed experts, hidden size, top-k, shared expert, dispatcher and
 TransformerConfig (built from MAMoEConfig.megatron_fields()). The MAMoE layer is built from
@@ -8,7 +9,7 @@ MoELayer of Megatron's decoder block spec (`model.spec.decoder_block_spec`), no 
 loss (megatron_fields() turns Megatron's own balance loss off).
 
 The two are measured alternately (A B, then B A, ...) and the medians compared, because this
-machine is noisy. Run: python benchmarks/mamoe_layer.py [--reps N]. The last line printed is
+machine is noisy. Run: python -m benchmarks.mamoe_layer [--reps N]. The last line printed is
 `mamoe/vanilla time ratio: X`; the target is <= 1.10.
 """
 
@@ -22,66 +23,45 @@ import warnings
 warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402
-import torch.nn.functional as F
-from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
-from megatron.core.transformer.spec_utils import build_module
 
-from megatron_most.model.spec import decoder_block_spec
-from megatron_most.moe import MAMoEConfig, MAMoELayer, mamoe_block_spec, pack_routing_info
-from megatron_most.platform import ParallelLayout, fusion_settings, initialize
+from megatron_most.moe import MAMoEConfig, MAMoELayer, pack_routing_info
+from megatron_most.platform import ParallelLayout, device, has_gpu, initialize
+from tests.mamoe_layers import build_layer, layer_config
 
 HIDDEN, EXPERTS, TOPK, MOE_FFN, SHARED, SEQ, BATCH = 256, 16, 4, 128, 256, 512, 4
 
 
+def synchronize():
+    if has_gpu():
+        torch.cuda.synchronize()
+
+
 def make_config(mamoe, **overrides):
-    return TransformerConfig(
-        num_layers=1,
-        hidden_size=HIDDEN,
-        num_attention_heads=4,
-        ffn_hidden_size=4 * HIDDEN,
-        moe_ffn_hidden_size=MOE_FFN,
-        gated_linear_unit=True,
-        activation_func=F.silu,
-        add_bias_linear=False,
-        normalization="RMSNorm",
-        params_dtype=torch.float32,
-        moe_layer_freq=1,
-        hidden_dropout=0.0,
-        **mamoe.megatron_fields(),
-        **{**fusion_settings(), **overrides},
-    )
-
-
-def build_mamoe(mamoe, config):
-    spec = mamoe_block_spec(decoder_block_spec(config), config, mamoe)
-    return build_module(spec.layer_specs[0].submodules.mlp, config=config, layer_number=1)
-
-
-def build_vanilla(config):
-    spec = decoder_block_spec(config)
-    return build_module(spec.layer_specs[0].submodules.mlp, config=config, layer_number=1)
+    return layer_config(mamoe, hidden=HIDDEN, moe_ffn=MOE_FFN, heads=4, **overrides)
 
 
 def make_inputs(seed=0):
     gen = torch.Generator().manual_seed(seed)
-    h = torch.randn(SEQ, BATCH, HIDDEN, generator=gen)
-    grad = torch.randn(SEQ, BATCH, HIDDEN, generator=gen)
+    h = torch.randn(SEQ, BATCH, HIDDEN, generator=gen).to(device())
+    grad = torch.randn(SEQ, BATCH, HIDDEN, generator=gen).to(device())
     # A speech+text mixture: each sequence is a text prompt then an audio span (about half audio).
     modality = torch.zeros(BATCH, SEQ, dtype=torch.long)
     for b in range(BATCH):
         start = int(torch.randint(SEQ // 4, 3 * SEQ // 4, (1,), generator=gen))
         modality[b, start:] = 1
-    return h, grad, modality
+    return h, grad, modality.to(device())
 
 
 def step(layer, h, grad, info):
-    """One forward + backward; returns seconds."""
+    """One forward + backward; returns seconds (the GPU's queue drained before and after)."""
+    synchronize()
     start = time.perf_counter()
     x = h.detach().requires_grad_()
     out, _ = layer(x, padding_mask=info) if info is not None else layer(x)
     (out * grad).sum().backward()
+    synchronize()
     elapsed = time.perf_counter() - start
     for p in layer.parameters():
         p.grad = None
@@ -121,9 +101,9 @@ def main():
     config = make_config(mamoe)
 
     torch.manual_seed(0)
-    layer_mamoe = build_mamoe(mamoe, config)
+    layer_mamoe = build_layer(config, mamoe).to(device())
     torch.manual_seed(0)
-    layer_vanilla = build_vanilla(config)
+    layer_vanilla = build_layer(config).to(device())
     assert type(layer_mamoe) is MAMoELayer and type(layer_vanilla) is MoELayer
     # Same weights in both (same parameter names, same shapes).
     layer_vanilla.load_state_dict(layer_mamoe.state_dict())
@@ -132,12 +112,13 @@ def main():
 
     _, _, modality = make_inputs()
     info = pack_routing_info(modality)
-    mamoe_no_aux = build_mamoe(
-        MAMoEConfig(num_experts=EXPERTS, topk=TOPK, shared_expert_size=SHARED, balance_coeff=0.0), config
+    mamoe_no_aux = build_layer(
+        config, MAMoEConfig(num_experts=EXPERTS, topk=TOPK, shared_expert_size=SHARED, balance_coeff=0.0)
     )
-    mamoe_no_aux.load_state_dict(layer_mamoe.state_dict())
+    mamoe_no_aux.to(device()).load_state_dict(layer_mamoe.state_dict())
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads, device cpu")
+    where = torch.cuda.get_device_name() if has_gpu() else f"cpu, {torch.get_num_threads()} intra-op threads"
+    print(f"torch {torch.__version__}, device {device()} ({where})")
     print(
         f"layer: hidden {HIDDEN}, {EXPERTS} experts (text {mamoe.groups()[0][0]}..{mamoe.groups()[0][-1]}, audio "
         f"{mamoe.groups()[1][0]}..{mamoe.groups()[1][-1]}), top-{TOPK}, moe ffn {MOE_FFN}, shared {SHARED}, "

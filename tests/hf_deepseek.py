@@ -34,10 +34,10 @@ import torch
 
 def hf_config(most):
     """The DeepseekV2Config (transformers 5) with `most`'s numbers; text-only, vanilla routing.
-    The field mapping is the converter's (mapping.hf_config_fields); the model is transformers'."""
+    The field mapping is the converter's (convert.hf_config.hf_config_fields); the model is transformers'."""
     from transformers import DeepseekV2Config
 
-    from megatron_most.convert.mapping import hf_config_fields
+    from megatron_most.convert.hf_config import hf_config_fields
 
     if most.mamoe.modality_routing:
         raise ValueError("DeepSeek-V2 routes without modality masking: use MAMoEConfig(variant='vanilla')")

@@ -3,17 +3,18 @@
     results = run_distributed(body, world_size=2, args=(...))
 
 The spawner is the library's (megatron_most.platform.spawn, also used by the converter's
---verify); tests run every rank with one intra-op thread (this is a 2-core machine).
+--verify); tests run every rank with one intra-op thread (this is a 2-core machine) and with the
+device guard on (tests/device_guard.py): a collective given a tensor made without a device fails
+here as it would under NCCL on a GPU node.
 """
 
 from __future__ import annotations
 
-from megatron_most.platform.spawn import RankError
+from megatron_most.platform.spawn import RankError, run_ranks
+from tests.device_guard import GuardedBody
 
 DistributedTestError = RankError
 
 
-def run_distributed(body, world_size: int, args=(), kwargs=None, timeout_s: float = 600.0) -> list:
-    from megatron_most.platform.spawn import run_ranks
-
-    return run_ranks(body, world_size, args, kwargs, timeout_s, threads=1)
+def run_distributed(body, world_size: int, args=(), kwargs=None, timeout_s: float = 600.0, guard: bool = True) -> list:
+    return run_ranks(GuardedBody(body) if guard else body, world_size, args, kwargs, timeout_s, threads=1)

@@ -51,8 +51,9 @@ def _expect_error(fn, *fragments) -> str:
 
 def _single(root: str) -> dict:
     """Rank body (1 rank): save, convert (CLI + API), compare at TP1, bad inputs."""
-    from megatron_most.convert import mapping
-    from megatron_most.convert.hf_to_megatron import convert, load_into
+    from megatron_most.convert import hf_config, mapping
+    from megatron_most.convert.common import load_into
+    from megatron_most.convert.hf_to_megatron import convert
     from megatron_most.model.config import preset
     from megatron_most.model.most import build_model
     from megatron_most.platform import ParallelLayout, initialize
@@ -83,7 +84,7 @@ def _single(root: str) -> dict:
     )
 
     initialize(ParallelLayout(), num_experts=most.mamoe.num_experts)
-    converted = mapping.config_from_hf(json.loads((hf_dir / "config.json").read_text()), preset("deepseek_v2_lite"))
+    converted = hf_config.config_from_hf(json.loads((hf_dir / "config.json").read_text()), preset("deepseek_v2_lite"))
     out["config_matches"] = converted == most.replace(seq_length=converted.seq_length, init_std=converted.init_std)
 
     # hub form of config.json: rope_scaling (type yarn) + top-level rope_theta
@@ -92,7 +93,7 @@ def _single(root: str) -> dict:
     hub["rope_theta"] = rope.pop("rope_theta")
     rope["type"] = rope.pop("rope_type")
     hub["rope_scaling"] = rope
-    out["hub_config_matches"] = mapping.config_from_hf(hub, preset("deepseek_v2_lite")) == converted
+    out["hub_config_matches"] = hf_config.config_from_hf(hub, preset("deepseek_v2_lite")) == converted
 
     # TP1 logits of the converted text-only checkpoint
     torch.manual_seed(SEED)
@@ -104,7 +105,8 @@ def _single(root: str) -> dict:
     out["max_logit"] = expected.abs().max().item()
 
     # table keys == model keys
-    from megatron_most.convert.hf_to_megatron import _template_entries, build_template
+    from megatron_most.convert.common import build_template
+    from megatron_most.convert.hf_to_megatron import _template_entries
 
     out["keys_match"] = set(mapping.megatron_keys(converted)) == set(_template_entries(build_template(converted)))
 
@@ -249,7 +251,7 @@ def _stored_dtypes(directory: Path) -> set[str]:
 
 def _resharded(root: str) -> dict:
     """Rank body (2 ranks): the text checkpoint at TP2+SP and EP2 gives the HF logits."""
-    from megatron_most.convert.hf_to_megatron import load_into
+    from megatron_most.convert.common import load_into
     from megatron_most.model.config import MoSTConfig
     from megatron_most.model.most import build_model
     from megatron_most.platform import ParallelLayout, initialize
@@ -398,7 +400,7 @@ HUB_CONFIG = {  # deepseek-ai/DeepSeek-V2-Lite config.json (the fields the conve
 
 
 def test_hub_config_gives_the_presets():
-    from megatron_most.convert.mapping import config_from_hf
+    from megatron_most.convert.hf_config import config_from_hf
     from megatron_most.model.config import preset
     from megatron_most.options import ConfigError
 

@@ -44,8 +44,8 @@ def _run_tool(tool, argv) -> tuple[int, str]:
 
 def _body(root: str) -> dict:
     """Rank body (1 rank; --verify spawns its own ranks)."""
-    from megatron_most.convert.check import VerifyError
     from megatron_most.convert.hf_to_megatron import convert
+    from megatron_most.convert.verify import VerifyError
     from megatron_most.model.config import preset
     from megatron_most.platform import ParallelLayout
     from tests import hf_deepseek

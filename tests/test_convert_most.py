@@ -46,7 +46,7 @@ def _save_tokenizer(directory: Path) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from megatron_most.convert.megatron_to_hf import SAMPLE_TEXT
+    from megatron_most.convert.verify import SAMPLE_TEXT
 
     words = sorted(set(SAMPLE_TEXT.replace(".", " . ").replace(",", " , ").replace(":", " : ").split()))
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["[UNK]", "<s>", "</s>", *words])}, unk_token="[UNK]"))
@@ -84,8 +84,8 @@ def _body(root: str) -> dict:
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
+    from megatron_most.convert.common import write_most_config
     from megatron_most.convert.hf_most import AUTO_MAP
-    from megatron_most.convert.hf_to_megatron import write_most_config
     from megatron_most.model.most import build_model
     from megatron_most.platform import ParallelLayout, initialize
     from tests import hf_deepseek

@@ -55,7 +55,7 @@ def _save_tokenizer(directory: Path) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from megatron_most.convert.megatron_to_hf import SAMPLE_TEXT
+    from megatron_most.convert.verify import SAMPLE_TEXT
 
     words = sorted(set(SAMPLE_TEXT.replace(".", " . ").replace(",", " , ").replace(":", " : ").split()))
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["[UNK]", *words])}, unk_token="[UNK]"))
@@ -69,8 +69,8 @@ def _body(root: str) -> dict:
 
     from transformers import AutoConfig, DeepseekV2ForCausalLM
 
-    from megatron_most.convert import mapping
-    from megatron_most.convert.megatron_to_hf import load_most_config
+    from megatron_most.convert import hf_config
+    from megatron_most.convert.common import load_most_config
     from tests import hf_deepseek
     from tests.test_most_hf_equivalence import tiny_text_config
 
@@ -146,7 +146,7 @@ def _body(root: str) -> dict:
     out["model_type"] = cfg.model_type
     out["special_ids"] = (cfg.bos_token_id, cfg.eos_token_id)
     written = json.loads((export / "config.json").read_text())
-    out["config_round_trip"] = mapping.config_from_hf(written, load_most_config(root / "text")) == load_most_config(
+    out["config_round_trip"] = hf_config.config_from_hf(written, load_most_config(root / "text")) == load_most_config(
         root / "text"
     )
     ids = torch.randint(0, most.text_vocab_size, (BATCH, SEQ), generator=torch.Generator().manual_seed(SEED + 1))
@@ -198,8 +198,7 @@ def _save_resharded(root: str) -> None:
     import torch.distributed
     from megatron.core import dist_checkpointing
 
-    from megatron_most.convert.hf_to_megatron import load_into
-    from megatron_most.convert.megatron_to_hf import load_most_config
+    from megatron_most.convert.common import load_into, load_most_config
     from megatron_most.model.most import build_model
     from megatron_most.platform import ParallelLayout, initialize
 
@@ -248,7 +247,7 @@ def _export_resharded(root: str) -> dict:
             torch_dtype=json.loads((root / f"{name}_hf" / "config.json").read_text())["torch_dtype"],
             largest=stats.largest_megatron_tensor_bytes,
         )
-    from megatron_most.convert.megatron_to_hf import TorchDistReader
+    from megatron_most.convert.reader import TorchDistReader
 
     real_get, calls = TorchDistReader.get, []
 
@@ -344,7 +343,7 @@ def test_checkpoint_without_most_config_refused(result):
 
 
 def test_size_parsing():
-    from megatron_most.convert.megatron_to_hf import parse_size
+    from megatron_most.convert.hf_writer import parse_size
 
     assert parse_size("5GB") == 5 * 10**9 and parse_size("100KB") == 100_000 and parse_size("1GiB") == 2**30
     assert parse_size(123) == 123 and parse_size("2.5MB") == 2_500_000

@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_most.platform import selfcheck
+from megatron_most.model.checkpoint import load_values
 from megatron_most.platform.layout import ParallelLayout
+from megatron_most.training import selfcheck
 from tests.multiproc import run_distributed
 
 KINDS = ("mamoe", "most")  # GPT + SwiGLU experts; the tiny MoST preset (MLA, audio inputs)
@@ -58,7 +59,7 @@ def _write_both(root: str) -> dict:
         loaders = {k: (lambda k=k, state=state: state[k].detach().clone()) for k in _loader_keys(template)}
         stats = write_torch_dist(template, loaders, ours)
 
-        from_ref, from_ours = selfcheck.load_values(model, ref), selfcheck.load_values(model, ours)
+        from_ref, from_ours = load_values(model, ref), load_values(model, ours)
         out[kind] = dict(
             stats=stats,
             same_metadata=_tensor_metadata(ref) == _tensor_metadata(ours),
@@ -101,8 +102,8 @@ def _load_both(root: str) -> dict:
     ):
         selfcheck.initialize(layout, num_experts=selfcheck.num_experts(kind))
         model = selfcheck.build_model(layout, kind)
-        ref = selfcheck.load_values(model, Path(root) / kind / "megatron")
-        ours = selfcheck.load_values(model, Path(root) / kind / "streamed")
+        ref = load_values(model, Path(root) / kind / "megatron")
+        ours = load_values(model, Path(root) / kind / "streamed")
         bad = [n for n in ref if not torch.equal(ref[n], ours[n])]
         assert not bad, f"{kind} at {name}: {bad}"
         compared[f"{kind} {name}"] = len(ref)

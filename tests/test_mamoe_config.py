@@ -219,37 +219,13 @@ SEQ, BATCH, HIDDEN = 6, 3, 16
 
 
 def _layer_input_errors():
-    import torch.nn.functional as F
-    from megatron.core.transformer import TransformerConfig
-    from megatron.core.transformer.spec_utils import build_module
-
-    from megatron_most.model.spec import decoder_block_spec
-    from megatron_most.moe import mamoe_block_spec
-    from megatron_most.platform import ParallelLayout, fusion_settings, initialize
+    from megatron_most.platform import ParallelLayout, initialize
+    from tests import mamoe_layers
 
     initialize(ParallelLayout(), num_experts=8)
     mamoe = MAMoEConfig(num_experts=8, topk=2, shared_expert_size=16)
-    config = TransformerConfig(
-        num_layers=1,
-        hidden_size=HIDDEN,
-        num_attention_heads=2,
-        ffn_hidden_size=32,
-        moe_ffn_hidden_size=8,
-        gated_linear_unit=True,
-        activation_func=F.silu,
-        add_bias_linear=False,
-        normalization="RMSNorm",
-        params_dtype=torch.float32,
-        moe_layer_freq=1,
-        hidden_dropout=0.0,
-        **mamoe.megatron_fields(),
-        **fusion_settings(),
-    )
-    layer = build_module(
-        mamoe_block_spec(decoder_block_spec(config), config, mamoe).layer_specs[0].submodules.mlp,
-        config=config,
-        layer_number=1,
-    )
+    config = mamoe_layers.layer_config(mamoe, hidden=HIDDEN, moe_ffn=8, ffn=32)
+    layer = mamoe_layers.build_layer(config, mamoe)
     h = torch.randn(SEQ, BATCH, HIDDEN)
 
     def error(info):

@@ -21,32 +21,10 @@ CASES = [
 
 
 def build_layer(mamoe, **config_overrides):
-    import torch.nn.functional as F
-    from megatron.core.transformer import TransformerConfig
-    from megatron.core.transformer.spec_utils import build_module
+    from tests import mamoe_layers
 
-    from megatron_most.model.spec import decoder_block_spec
-    from megatron_most.moe import mamoe_block_spec
-    from megatron_most.platform import fusion_settings
-
-    config = TransformerConfig(
-        num_layers=1,
-        hidden_size=HIDDEN,
-        num_attention_heads=2,
-        ffn_hidden_size=32,
-        moe_ffn_hidden_size=8,
-        gated_linear_unit=True,
-        activation_func=F.silu,
-        add_bias_linear=False,
-        normalization="RMSNorm",
-        params_dtype=torch.float32,
-        moe_layer_freq=1,
-        hidden_dropout=0.0,
-        **mamoe.megatron_fields(),
-        **{**fusion_settings(), **config_overrides},
-    )
-    spec = mamoe_block_spec(decoder_block_spec(config), config, mamoe)
-    return build_module(spec.layer_specs[0].submodules.mlp, config=config, layer_number=1)
+    config = mamoe_layers.layer_config(mamoe, hidden=HIDDEN, moe_ffn=8, ffn=32, **config_overrides)
+    return mamoe_layers.build_layer(config, mamoe)
 
 
 def make_inputs(seed=0):

@@ -55,35 +55,10 @@ def reference_counts(h, modality, padding, router_weight, masking, vanilla=False
 
 def build_layer(mamoe, layer_number=1, num_layers=3, **overrides):
     # num_layers=3 everywhere: Megatron sizes its global aux-loss log by the first layer it sees.
-    import torch.nn.functional as F
-    from megatron.core.transformer import TransformerConfig
-    from megatron.core.transformer.spec_utils import build_module
+    from tests import mamoe_layers
 
-    from megatron_most.model.spec import decoder_block_spec
-    from megatron_most.moe import mamoe_block_spec
-    from megatron_most.platform import fusion_settings
-
-    config = TransformerConfig(
-        num_layers=num_layers,
-        hidden_size=HIDDEN,
-        num_attention_heads=2,
-        ffn_hidden_size=32,
-        moe_ffn_hidden_size=8,
-        gated_linear_unit=True,
-        activation_func=F.silu,
-        add_bias_linear=False,
-        normalization="RMSNorm",
-        params_dtype=torch.float32,
-        moe_layer_freq=1,
-        hidden_dropout=0.0,
-        **mamoe.megatron_fields(),
-        **{**fusion_settings(), **overrides},
-    )
-    layer = build_module(
-        mamoe_block_spec(decoder_block_spec(config), config, mamoe).layer_specs[0].submodules.mlp,
-        config=config,
-        layer_number=layer_number,
-    )
+    config = mamoe_layers.layer_config(mamoe, hidden=HIDDEN, moe_ffn=8, ffn=32, num_layers=num_layers, **overrides)
+    layer = mamoe_layers.build_layer(config, mamoe, layer_number)
     layer.set_layer_number(layer_number)  # what TransformerLayer does; the router logs per layer
     return layer
 

@@ -75,3 +75,20 @@ def test_collectives_time_out_instead_of_hanging():
     assert sleeper == "slept"
     assert waiting != "barrier returned" and "after" in waiting, waiting
     assert float(waiting.split(" after ")[1].split("s:")[0]) < 25
+
+
+def _reduce_host_tensor(on_device: bool):
+    import torch
+
+    from megatron_most.platform import ParallelLayout, device, initialize
+
+    initialize(ParallelLayout())
+    value = torch.tensor([1.0], device=device()) if on_device else torch.tensor([1.0])
+    torch.distributed.all_reduce(value * 2)  # the mark follows the tensor through ops
+    return value.item()
+
+
+def test_device_guard_fails_a_collective_on_a_host_tensor():
+    with pytest.raises(DistributedTestError, match="all_reduce got a tensor created without device="):
+        run_distributed(_reduce_host_tensor, 2, args=(False,), timeout_s=120)
+    assert run_distributed(_reduce_host_tensor, 2, args=(True,), timeout_s=120) == [1.0, 1.0]

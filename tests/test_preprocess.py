@@ -22,7 +22,9 @@ import torch
 
 from megatron_most.data import indexed
 from megatron_most.data.indexed import DatasetFormatError, open_audio_text
-from megatron_most.data.preprocess import TOKENIZER_FILES, PreprocessOptions, _sha256, make_plan, preprocess, shard_done
+from megatron_most.data.preprocess import preprocess
+from megatron_most.data.preprocess_plan import TOKENIZER_FILES, PreprocessOptions, _sha256, make_plan
+from megatron_most.data.preprocess_worker import shard_done
 from megatron_most.options import ConfigError
 from tests import speech
 

@@ -42,12 +42,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from megatron_most.convert.cli import run
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     h2m = sub.add_parser(
@@ -96,47 +95,31 @@ def main(argv=None) -> int:
     m2h.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     m2h.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), help="HF tensor dtype (default: as stored)")
     m2h.add_argument("--verify", action="store_true", help="compare logits of the source and exported models")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
-    from megatron_most.convert.check import VerifyError
-    from megatron_most.convert.hf_reader import CheckpointError
-    from megatron_most.convert.hf_to_megatron import DTYPES
-    from megatron_most.options import ConfigError
-    from megatron_most.platform import ParallelLayout, initialize
 
-    dtype = DTYPES[args.dtype] if args.dtype else None
-    try:
-        initialize(ParallelLayout())
-        if args.command == "megatron-to-hf":
-            from megatron_most.convert.megatron_to_hf import export
-
-            export(
-                args.megatron,
-                args.out,
-                tokenizer=args.tokenizer,
-                max_shard_size=args.max_shard_size,
-                dtype=dtype,
-                fmt=args.format,
-                bos_token_id=args.bos_id,
-                eos_token_id=args.eos_id,
-                verify=args.verify,
-            )
-        else:
-            from megatron_most.convert.hf_to_megatron import convert
-            from megatron_most.model.config import preset
-
-            sp = args.tp > 1 if args.sp is None else args.sp
-            layout = ParallelLayout(tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp, sp=sp)
-            convert(
-                args.hf, args.out, preset(args.preset), seed=args.seed, dtype=dtype, layout=layout, verify=args.verify
-            )
-    except VerifyError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except (CheckpointError, ConfigError, FileExistsError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.command == "megatron-to-hf":
+        options = dict(
+            megatron_dir=args.megatron,
+            out_dir=args.out,
+            tokenizer=args.tokenizer,
+            max_shard_size=args.max_shard_size,
+            fmt=args.format,
+            bos_token_id=args.bos_id,
+            eos_token_id=args.eos_id,
+        )
+    else:
+        sp = args.tp > 1 if args.sp is None else args.sp
+        options = dict(
+            hf_dir=args.hf,
+            out_dir=args.out,
+            preset=args.preset,
+            seed=args.seed,
+            layout=dict(tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp, sp=sp),
+        )
+    return run(args.command, dtype=args.dtype, verify=args.verify, **options)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ feature extractor/codebook into one (samples in input order; the header's task b
 import argparse
 import sys
 
+from megatron_most.data.indexed import DatasetFormatError, merge_datasets
 from megatron_most.options import ConfigError
 
 
@@ -20,8 +21,6 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from megatron_most.data.indexed import DatasetFormatError, merge_datasets
-
     try:
         header = merge_datasets(args.input, args.output, overwrite=args.overwrite)
     except (ConfigError, DatasetFormatError) as err:

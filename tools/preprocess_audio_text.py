@@ -20,6 +20,11 @@ import json
 import sys
 from concurrent.futures.process import BrokenProcessPool
 
+from megatron_most.data.indexed import DatasetFormatError
+from megatron_most.data.preprocess import preprocess
+from megatron_most.data.preprocess_plan import PreprocessOptions
+from megatron_most.data.templates import TemplateOptions
+from megatron_most.model.config import preset
 from megatron_most.options import ConfigError
 
 
@@ -81,14 +86,9 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from megatron_most.data.indexed import DatasetFormatError
-    from megatron_most.data.preprocess import PreprocessOptions, preprocess
-
     try:
         text_vocab_size = args.text_vocab_size
         if args.preset is not None and text_vocab_size is None:
-            from megatron_most.model.config import preset
-
             text_vocab_size = preset(args.preset).text_vocab_size  # e.g. 102400 rows for DeepSeek's ~100k ids
         opts = PreprocessOptions(
             inputs=tuple(args.input),
@@ -129,8 +129,6 @@ def main(argv=None) -> int:
 
 def load_templates(path):
     """TemplateOptions from a JSON file of its fields (defaults without a file)."""
-    from megatron_most.data.templates import TemplateOptions
-
     if path is None:
         return TemplateOptions()
     try:

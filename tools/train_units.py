@@ -14,13 +14,10 @@ on the same features the units are later assigned from.
 """
 
 import argparse
-import collections
 import json
-import random
 import sys
-import time
-from pathlib import Path
 
+from megatron_most.data.unit_training import UnitTrainingOptions, train_units
 from megatron_most.options import ConfigError
 
 
@@ -50,98 +47,28 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        summary = train(args)
+        summary = train_units(
+            UnitTrainingOptions(
+                inputs=tuple(args.input),
+                hubert=args.hubert,
+                output=args.output,
+                layer=args.layer,
+                k=args.k,
+                max_hours=args.max_hours,
+                seed=args.seed,
+                batch_size=args.batch_size,
+                max_frames=args.max_frames,
+                n_init=args.n_init,
+                max_iter=args.max_iter,
+                audio_batch=args.audio_batch,
+                device=args.device,
+            )
+        )
     except ConfigError as err:
         print(f"train_units.py: error: {err}", file=sys.stderr)
         return 2
     print(json.dumps(summary))
     return 0
-
-
-def train(args) -> dict:
-    import torch
-
-    from megatron_most.audio.hubert import HubertEncoder
-    from megatron_most.audio.loading import AudioLoader, AudioOptions
-    from megatron_most.audio.units import fit_codebook
-    from megatron_most.data.manifest import read_manifest
-    from megatron_most.platform import choose_device
-    from megatron_most.rejects import Rejected
-
-    if args.max_hours is not None and args.max_hours <= 0:
-        raise ConfigError(f"--max-hours={args.max_hours}: must be > 0 (or omitted for all audio)")
-    if args.max_frames < args.k:
-        raise ConfigError(
-            f"--max-frames={args.max_frames}: must be >= --k={args.k} (k-means needs a frame per "
-            "centroid); e.g. 2000000"
-        )
-    if not (Path(args.hubert) / "config.json").is_file():
-        raise ConfigError(
-            f"--hubert={args.hubert!r}: no config.json there; pass a transformers HubertModel "
-            "directory (save_pretrained output)"
-        )
-    device = choose_device(args.device, field="--device")
-    rejects = collections.Counter()
-    paths = []
-    for manifest in args.input:
-        for _, sample in read_manifest(manifest, "speech"):
-            if isinstance(sample, Rejected):
-                rejects[f"manifest: {sample.reason}"] += 1
-            else:
-                paths.append(sample.audio)
-    random.Random(args.seed).shuffle(paths)  # a max-hours budget then takes a random subset of utterances
-
-    # fp32 as in preprocessing: units are assigned on fp32-computed features, so fit on those too
-    encoder = HubertEncoder(args.hubert, layer=args.layer, device=device, dtype=torch.float32)
-    # reject clips shorter than the encoder's receptive field per file; the encoder would fail the batch
-    loader = AudioLoader(
-        AudioOptions(batch_size=args.audio_batch, device=args.device, min_samples=max(400, encoder.min_samples))
-    )
-    budget = None if args.max_hours is None else int(args.max_hours * 3600 * encoder.frame_rate)  # frames
-    stats = {"utterances": 0, "frames": 0}
-
-    def features():
-        for start in range(0, len(paths), args.audio_batch):
-            waves = []
-            for wave in loader.load(paths[start : start + args.audio_batch]):
-                if isinstance(wave, Rejected):
-                    rejects[f"audio: {wave.reason.split(':')[0]}"] += 1  # group by kind, not per file
-                else:
-                    waves.append(wave)
-            for feats in encoder(waves) if waves else []:  # [frames, dim] float16
-                if budget is not None:
-                    feats = feats[: budget - stats["frames"]]
-                stats["utterances"] += 1
-                stats["frames"] += len(feats)
-                yield feats
-                if budget is not None and stats["frames"] >= budget:
-                    return
-
-    started = time.time()
-    codebook = fit_codebook(
-        features(),
-        k=args.k,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        max_frames=args.max_frames,
-        n_init=args.n_init,
-        max_iter=args.max_iter,
-        layer=args.layer,
-        hubert=args.hubert,
-    )
-    codebook.save(args.output)
-    return {
-        "output": args.output,
-        "k": codebook.k,
-        "dim": codebook.dim,
-        "layer": args.layer,
-        "utterances": stats["utterances"],
-        "frames": stats["frames"],
-        "fit_frames": min(stats["frames"], args.max_frames),
-        "hours": round(stats["frames"] / encoder.frame_rate / 3600, 4),
-        "seconds": round(time.time() - started, 2),
-        "rejected": dict(rejects),
-    }
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Audio side of the data path: files -> 16 kHz waveforms (DALI) -> frozen HuBERT features -> k-means units."""
+"""Floor 2 (beside `moe`): the audio side of the data path: files -> 16 kHz waveforms (DALI) ->
+frozen HuBERT features -> k-means units. Imports `platform` and `options` only."""
 
 from megatron_most.audio.hubert import HubertEncoder
 from megatron_most.audio.loading import AudioLoader, AudioOptions

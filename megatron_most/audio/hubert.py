@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from transformers import HubertModel
 
 from megatron_most.options import ConfigError
 
@@ -35,8 +36,6 @@ class HubertEncoder:
         dtype: torch.dtype = torch.float32,
         max_batch_samples: int = 16000 * 320,
     ):
-        from transformers import HubertModel
-
         self.model = HubertModel.from_pretrained(str(path), dtype=dtype).to(device).eval().requires_grad_(False)
         config = self.model.config
         if layer is not None and not 0 <= layer <= config.num_hidden_layers:

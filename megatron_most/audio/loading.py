@@ -24,6 +24,7 @@ import numpy as np
 import soundfile as sf
 
 from megatron_most.options import options, require
+from megatron_most.platform import choose_device
 from megatron_most.rejects import Rejected
 
 # Formats fn.decoders.audio reads (its docs: WAV, FLAC, OGG Vorbis/Opus); soundfile names them so.
@@ -261,7 +262,7 @@ def wav_declared_frames(path: str) -> int | None:
     return None
 
 
-# --- DALI graphs -----------------------------------------------------------------------------
+# --- DALI graphs (nvidia.dali is imported in the functions: heavy, loaded only to build a pipeline) ---
 
 
 def _decode_graph(options: AudioOptions, gpu: bool):
@@ -317,8 +318,6 @@ def _to_numpy(batch) -> list[np.ndarray]:
 
 
 def _device_id(device: str) -> int | None:
-    from megatron_most.platform import choose_device
-
     chosen = choose_device(device, field="AudioOptions.device")
     return chosen.index if chosen.type == "cuda" else None  # None: CPU-only DALI pipelines
 

@@ -11,6 +11,9 @@ from typing import Iterable
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from sklearn.cluster import MiniBatchKMeans
 
 from megatron_most.options import ConfigError
 
@@ -55,8 +58,6 @@ class UnitCodebook:
         return dedup_units(units) if dedup else units
 
     def save(self, path: str | os.PathLike) -> None:
-        from safetensors.torch import save_file
-
         metadata = {
             "format": FORMAT,
             "version": VERSION,
@@ -70,8 +71,6 @@ class UnitCodebook:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "UnitCodebook":
         """Read a codebook written by `save` (safetensors only: never unpickles anything)."""
-        from safetensors import SafetensorError, safe_open
-
         fix = "write one with tools/train_units.py (UnitCodebook.save)"
         if not os.path.isfile(path):
             raise ConfigError(f"unit codebook {path}: file not found; {fix}")
@@ -125,8 +124,6 @@ def fit_codebook(
     max_frames: keep a uniform random sample (reservoir, seeded) of at most this many frames, so
     memory stays bounded however much audio streams in. Defaults follow fairseq's learn_kmeans.py.
     """
-    from sklearn.cluster import MiniBatchKMeans
-
     if k < 1 or batch_size < 1 or n_init < 1 or max_iter < 1:
         raise ConfigError(
             f"fit_codebook: k={k}, batch_size={batch_size}, n_init={n_init}, max_iter={max_iter}: all must be >= 1"

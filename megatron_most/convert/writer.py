@@ -82,6 +82,11 @@ from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX, _write_item
 from torch.distributed.checkpoint.planner import SavePlan, WriteItem, WriteItemType
 from torch.futures import Future
 
+try:  # a newer torch, whose _write_item takes the serialization format
+    from torch.distributed.checkpoint.filesystem import SerializationFormat
+except ImportError:  # an older one (setup.py allows torch >= 2.6) has neither
+    SerializationFormat = None
+
 Loader = Callable[[], torch.Tensor]
 ChunkId = tuple  # (sharded key, global offset): DCP's MetadataIndex(fqn, offset) of a chunk
 
@@ -226,8 +231,6 @@ class _SequentialWriter(FileSystemWriter):
         transforms = [self.transforms] if hasattr(self, "transforms") else []
         kwargs = {}
         if "serialization_format" in inspect.signature(_write_item).parameters:
-            from torch.distributed.checkpoint.filesystem import SerializationFormat
-
             kwargs["serialization_format"] = SerializationFormat.TORCH_SAVE
         results = []
         if plan.items:

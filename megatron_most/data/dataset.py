@@ -191,7 +191,8 @@ class AudioTextDataset(MegatronDataset):
         check_header(dataset, config)
         layout = config.layout
         self.seq = config.sequence_length
-        self.feat_id, self.first_unit, self.vocab_end = layout.feature, layout.first_unit, layout.size
+        self.layout = layout
+        self.feat_id = layout.feature
         self.order, self.offsets, self.epochs = self._build_index()
         self._causal = None
         if config.create_attention_mask:
@@ -295,17 +296,13 @@ class AudioTextDataset(MegatronDataset):
             "labels": torch.from_numpy(labels),
             "loss_mask": torch.from_numpy(loss_mask),
             "position_ids": torch.from_numpy(position_ids[:seq]),
-            "modality": torch.from_numpy(self._modality(tokens)),
+            "modality": self.layout.modality(torch.from_numpy(tokens)),  # the vocabulary's one rule
             "padding_mask": torch.from_numpy(np.arange(seq) >= n),
         }
         if self._causal is not None:
             item["attention_mask"] = torch.from_numpy(self._attention_mask(starts))
         item["audio_features"], item["audio_lengths"] = self._audio(ids, tokens, buf[:n])
         return item
-
-    def _modality(self, tokens: np.ndarray) -> np.ndarray:
-        unit = (tokens >= self.first_unit) & (tokens < self.vocab_end)
-        return (unit | (tokens == self.feat_id)).astype(np.int64)
 
     def _attention_mask(self, starts: np.ndarray) -> np.ndarray:
         mask = self._causal.copy()  # [seq, seq]

@@ -25,6 +25,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from megatron.core.datasets.indexed_dataset import (
+    _INDEX_HEADER,
+    DType,
+    IndexedDataset,
+    IndexedDatasetBuilder,
+    get_idx_path,
+)
+
+from megatron_most.options import ConfigError
 
 FORMAT = "megatron_most.audio_text"
 VERSION = 1
@@ -75,8 +85,6 @@ class AudioTextWriter:
     """
 
     def __init__(self, prefix, *, feature_dim: int):
-        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
         self.prefix = str(prefix)
         self.feature_dim = feature_dim
         self._tmp = f"{self.prefix}.partial"
@@ -108,8 +116,6 @@ class AudioTextWriter:
         self.tokens += tokens.size
 
     def _write(self, name: str, values: np.ndarray) -> None:
-        import torch
-
         builder = self._builders[name]
         builder.add_item(torch.from_numpy(values))  # the builder writes the tensor's bytes in its own dtype
         builder.end_document()
@@ -132,8 +138,6 @@ class AudioTextWriter:
 
 def concatenate(prefixes: list[str], output, header: dict[str, Any]) -> dict[str, Any]:
     """Append complete datasets (validated first) into `output` with Megatron's IndexedDatasetBuilder.add_index."""
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder, get_idx_path
-
     output = str(output)
     headers = [validate(p, scan_tokens=False) for p in prefixes]
     feature_dim = headers[0]["feature_dim"] if headers else header["feature_dim"]
@@ -231,8 +235,6 @@ class AudioTextFiles:
 
 def open_audio_text(prefix, *, scan_tokens: bool = True) -> AudioTextFiles:
     """Open the dataset at `prefix` after `validate` (raises DatasetFormatError naming file and fix)."""
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
     prefix = str(prefix)
     header = validate(prefix, scan_tokens=scan_tokens)
     parts = component_prefixes(prefix, header["feature_dim"] > 0)
@@ -302,8 +304,6 @@ def check_indexed(part: str, dtype) -> np.ndarray:
     size = idx.stat().st_size
     with idx.open("rb") as f:
         head = f.read(_IDX_FIXED)
-    from megatron.core.datasets.indexed_dataset import _INDEX_HEADER, DType
-
     if len(head) < _IDX_FIXED or head[:9] != _INDEX_HEADER:
         raise DatasetFormatError(f"{idx}: not a Megatron index file (bad magic {head[:9]!r}); {_FIX}")
     (version,) = struct.unpack("<Q", head[9:17])
@@ -445,8 +445,6 @@ def check_compatible(headers: list[tuple[str, dict]], *, action: str = "merge") 
 
 def merge_datasets(inputs: list[str], output: str, *, overwrite: bool = False) -> dict[str, Any]:
     """Concatenate compatible audio-text datasets (in order) into `output`; return the new header."""
-    from megatron_most.options import ConfigError
-
     if not inputs:
         raise ConfigError("inputs: give at least one dataset prefix to merge")
     out = str(output)

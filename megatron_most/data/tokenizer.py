@@ -11,6 +11,9 @@ import os
 from pathlib import Path
 from typing import Callable, Sequence
 
+import sentencepiece as spm
+from transformers import AutoTokenizer
+
 from megatron_most.options import ConfigError
 
 
@@ -63,8 +66,6 @@ def load_tokenizer(path: str | os.PathLike) -> TextTokenizer:
 
 
 def _sentencepiece(path: Path) -> TextTokenizer:
-    import sentencepiece as spm
-
     model = spm.SentencePieceProcessor()
     try:
         model.load(str(path))
@@ -91,8 +92,6 @@ def _hugging_face(path: Path) -> TextTokenizer:
             f"tokenizer={str(path)!r}: directory has no tokenizer.json, tokenizer_config.json or "
             "tokenizer.model; pass a Hugging Face tokenizer directory or a sentencepiece .model file"
         )
-    from transformers import AutoTokenizer
-
     try:
         tok = AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as err:

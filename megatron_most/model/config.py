@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
 import torch.nn.functional as F
 from megatron.core.transformer import MLATransformerConfig
 
@@ -12,7 +11,7 @@ from megatron_most.model.fields import megatron_fields
 from megatron_most.model.vocab import TokenLayout, check_vocab
 from megatron_most.moe.config import MAMoEConfig
 from megatron_most.options import options, require
-from megatron_most.platform import fusion_settings
+from megatron_most.platform import fusion_settings, precision_settings
 from megatron_most.platform.layout import ParallelLayout
 
 
@@ -91,8 +90,14 @@ class MoSTConfig:
     def replace(self, **changes) -> "MoSTConfig":
         return dataclasses.replace(self, **changes)
 
-    def transformer_config(self, layout: ParallelLayout | None = None, **overrides):
-        """Megatron's MLATransformerConfig for this architecture at `layout`."""
+    def transformer_config(
+        self, layout: ParallelLayout | None = None, *, precision: str = "auto", ddp: bool = False, **overrides
+    ):
+        """Megatron's MLATransformerConfig for this architecture at `layout`.
+
+        precision: "auto" (bf16 on GPUs, fp32 on CPUs), "bf16" or "fp32" (platform.precision_settings).
+        ddp: the model will be trained DDP-wrapped (allows gradient-accumulation fusion).
+        """
 
         layout = layout or ParallelLayout()
         fields = dict(
@@ -108,15 +113,14 @@ class MoSTConfig:
             add_qkv_bias=False,
             hidden_dropout=0.0,
             attention_dropout=0.0,
-            params_dtype=torch.float32,
-            pipeline_dtype=torch.float32,
             tensor_model_parallel_size=layout.tp,
             pipeline_model_parallel_size=layout.pp,
             expert_model_parallel_size=layout.ep,
             expert_tensor_parallel_size=layout.expert_tp,
             sequence_parallel=layout.sp,
             **self.mamoe.megatron_fields(),
-            **fusion_settings(),
+            **precision_settings(precision),
+            **fusion_settings(ddp=ddp),
         )
         if not {"num_layers_in_first_pipeline_stage", "num_layers_in_last_pipeline_stage"} & set(overrides):
             fields.update(self._pipeline_split(layout.pp))

@@ -66,7 +66,9 @@ class MoSTModel(GPTModel):
         self.uses_te = has_transformer_engine() if use_te is None else use_te
         self.audio_projection = None
         if pre_process and most.audio_feature_dim:
-            self.audio_projection = torch.nn.Linear(most.audio_feature_dim, config.hidden_size, bias=True)
+            self.audio_projection = torch.nn.Linear(
+                most.audio_feature_dim, config.hidden_size, bias=True, dtype=config.params_dtype
+            )
             config.init_method(self.audio_projection.weight)
             torch.nn.init.zeros_(self.audio_projection.bias)
 
@@ -137,7 +139,10 @@ class MoSTModel(GPTModel):
             raise ValueError(
                 f"audio_features has {audio_features.shape[0]} frames but the input has {frames} <feat> positions"
             )
-        projected = self.audio_projection(audio_features.to(self.audio_projection.weight.dtype))  # [frames, hidden]
+        weight = self.audio_projection.weight  # features come from the data path on the CPU: move them here
+        projected = self.audio_projection(
+            audio_features.to(device=weight.device, dtype=weight.dtype)
+        )  # [frames, hidden]
         by_sample = embeddings.transpose(0, 1)  # [batch, seq, hidden]: frames are in sample order
         placed = by_sample.masked_scatter(placeholders.unsqueeze(-1), projected.to(by_sample.dtype))
         return placed.transpose(0, 1).contiguous()  # [seq, batch, hidden]

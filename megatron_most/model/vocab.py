@@ -18,6 +18,7 @@ import dataclasses
 
 import torch
 
+from megatron_most.moe.modality import AUDIO, TEXT
 from megatron_most.options import ConfigError
 
 
@@ -62,8 +63,10 @@ class TokenLayout:
         return (ids >= self.first_unit) & (ids < self.size)
 
     def modality(self, ids: torch.Tensor) -> torch.Tensor:
-        """Per-token modality: 1 for unit tokens and feature frames, 0 otherwise (markers included)."""
-        return (self.is_unit(ids) | (ids == self.feature)).long()
+        """Per-token modality id (moe.modality): AUDIO for unit tokens and feature frames, TEXT
+        otherwise (markers included). The one token -> modality rule of the project."""
+        audio = self.is_unit(ids) | (ids == self.feature)
+        return torch.where(audio, AUDIO, TEXT).long()
 
     def validate(self, ids: torch.Tensor, max_length: int, feature_spans: torch.Tensor | None = None) -> None:
         """Check a batch of token ids [batch, seq]; raise ValueError naming the sample and field.

@@ -11,11 +11,13 @@ from megatron_most.platform.layout import ParallelLayout
 from megatron_most.platform.runtime import (
     backend,
     choose_device,
+    compute_dtype,
     device,
     fusion_settings,
     has_gpu,
     has_transformer_engine,
     initialize,
+    precision_settings,
     prepare_process,
     shutdown,
 )
@@ -27,11 +29,13 @@ __all__ = [
     "backend",
     "check_megatron_core",
     "choose_device",
+    "compute_dtype",
     "device",
     "fusion_settings",
     "has_gpu",
     "has_transformer_engine",
     "initialize",
+    "precision_settings",
     "prepare_process",
     "shutdown",
 ]

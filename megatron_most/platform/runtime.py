@@ -52,15 +52,41 @@ def choose_device(choice: str, *, field: str = "device") -> torch.device:
     return device() if choice != "cpu" else torch.device("cpu")
 
 
-def fusion_settings() -> dict:
-    """TransformerConfig fields for kernels that exist only with CUDA, TE or apex.
+PRECISIONS = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
-    Turned off where they are not available so one config works on every machine.
+
+def compute_dtype(precision: str = "auto", *, field: str = "precision") -> torch.dtype:
+    """Parameter and compute dtype for a precision setting: "auto" is bf16 on GPUs and fp32 on
+    CPUs (CPU bf16 matmuls are slow and the CPU path is for correctness), or "bf16" / "fp32"."""
+    if precision == "auto":
+        return torch.bfloat16 if has_gpu() else torch.float32
+    if precision not in PRECISIONS:
+        raise ConfigError(f"{field}={precision!r}: use 'auto' (bf16 on GPUs, fp32 on CPUs), 'bf16' or 'fp32'")
+    return PRECISIONS[precision]
+
+
+def precision_settings(precision: str = "auto") -> dict:
+    """TransformerConfig fields for a precision: parameters, activations and the pipeline's
+    send/recv buffers in that dtype. Main gradients and optimizer states stay fp32 (DDP's
+    grad_reduce_in_fp32 and Megatron's mixed-precision optimizer, see training.engine.wrap),
+    and MoE routers compute in fp32 (moe_router_dtype)."""
+    dtype = compute_dtype(precision)
+    return dict(params_dtype=dtype, pipeline_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=False)
+
+
+def fusion_settings(*, ddp: bool = False) -> dict:
+    """TransformerConfig fields for kernels that exist only with CUDA, TE or apex, turned off
+    where they are not available so one config works on every machine.
+
+    `ddp`: the model will be trained DDP-wrapped. Gradient-accumulation fusion writes weight
+    gradients straight into DDP's fp32 `main_grad` buffers, which exist only under DDP, and
+    Megatron's local ColumnParallelLinear (the output layer, even in TE models) needs apex's
+    `fused_weight_gradient_mlp_cuda` kernel for it; without either it stays off.
     """
     gpu, te = has_gpu(), has_transformer_engine()
-    apex = importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None
+    apex_wgrad = importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None
     return dict(
-        gradient_accumulation_fusion=gpu and (te or apex),
+        gradient_accumulation_fusion=ddp and gpu and apex_wgrad,
         bias_activation_fusion=gpu,
         bias_dropout_fusion=gpu,
         masked_softmax_fusion=gpu,

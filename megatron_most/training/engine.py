@@ -17,6 +17,7 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megatron_most.options import ConfigError
 from megatron_most.platform.runtime import device
 
 
@@ -33,22 +34,39 @@ class StepResult:
 def wrap(
     model: torch.nn.Module,
     optimizer_config: OptimizerConfig,
+    *,
+    overlap_grad_reduce: bool = False,
+    overlap_param_gather: bool = False,
 ) -> tuple[DistributedDataParallel, object]:
     """Move `model` to this rank's device, DDP-wrap it and build the Megatron optimizer for it;
-    installs the schedule hooks."""
+    installs the schedule hooks.
 
+    The optimizer follows the model's precision (`model.config.params_dtype`): with bf16
+    parameters it keeps fp32 main parameters and states (Megatron's mixed-precision optimizer),
+    and DDP reduces gradients in fp32 either way. `overlap_grad_reduce` starts each bucket's
+    gradient reduction during the backward pass; `overlap_param_gather` (distributed optimizer
+    only) gathers updated parameters during the next forward pass.
+    """
+    if overlap_param_gather and not optimizer_config.use_distributed_optimizer:
+        raise ConfigError("overlap_param_gather needs the distributed optimizer (use_distributed_optimizer=True)")
     model.to(device())  # modules of ours (norms, audio projection) are built on the CPU
+    config = model.config
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
+        overlap_grad_reduce=overlap_grad_reduce,
+        overlap_param_gather=overlap_param_gather,
         use_distributed_optimizer=optimizer_config.use_distributed_optimizer,
     )
-    ddp = DistributedDataParallel(model.config, ddp_config, model)
+    ddp = DistributedDataParallel(config, ddp_config, model)
+    optimizer_config = dataclasses.replace(
+        optimizer_config, bf16=config.bf16, fp16=config.fp16, params_dtype=config.params_dtype
+    )
     optimizer = get_megatron_optimizer(optimizer_config, [ddp])
-    config = model.config
     config.finalize_model_grads_func = finalize_model_grads
     config.grad_scale_func = optimizer.scale_loss
     config.no_sync_func = ddp.no_sync
+    config.grad_sync_func = ddp.start_grad_sync if overlap_grad_reduce else None
+    config.param_sync_func = ddp.start_param_sync if overlap_param_gather else None
     return ddp, optimizer
 
 
@@ -78,7 +96,8 @@ def forward_backward(
         forward_only=forward_only,
     )
     # Only the last pipeline stage has losses; sum over stages and average over DP.
-    local = torch.tensor([sum(float(x["loss"]) for x in losses) / num_microbatches if losses else 0.0])
+    mean = sum(float(x["loss"]) for x in losses) / num_microbatches if losses else 0.0
+    local = torch.tensor([mean], device=device())  # NCCL reduces only tensors on the GPU
     torch.distributed.all_reduce(local, group=parallel_state.get_pipeline_model_parallel_group())
     torch.distributed.all_reduce(local, group=parallel_state.get_data_parallel_group())
     return local.item() / parallel_state.get_data_parallel_world_size()

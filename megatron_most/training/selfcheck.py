@@ -46,7 +46,7 @@ from megatron_most.model.most import build_model as build_most
 from megatron_most.model.spec import decoder_block_spec
 from megatron_most.moe import MAMoEConfig, mamoe_block_spec, pack_routing_info, stats
 from megatron_most.platform.layout import ParallelLayout
-from megatron_most.platform.runtime import fusion_settings, initialize
+from megatron_most.platform.runtime import device, fusion_settings, initialize
 from megatron_most.training.engine import forward_backward, train_step, wrap
 
 NUM_EXPERTS = 4
@@ -95,7 +95,7 @@ def build_model(layout: ParallelLayout, kind: str = "moe", recompute: str | None
     shared expert, top-2 of 4 experts). `recompute`: None, "selective" (MoE) or "full"."""
     if kind == "most":
         most = most_config()
-        return build_most(most, most.transformer_config(layout, **_RECOMPUTE[recompute]))
+        return build_most(most, most.transformer_config(layout, ddp=True, **_RECOMPUTE[recompute]))
     mamoe = kind == "mamoe"
 
     config = TransformerConfig(
@@ -120,7 +120,7 @@ def build_model(layout: ParallelLayout, kind: str = "moe", recompute: str | None
         moe_ffn_hidden_size=32,
         **(mamoe_config().megatron_fields() if mamoe else _MOE_FIELDS),
         **_RECOMPUTE[recompute],
-        **fusion_settings(),
+        **fusion_settings(ddp=True),  # every model of the check is trained DDP-wrapped
     )
     spec = decoder_block_spec(config)
     if mamoe:
@@ -272,7 +272,7 @@ def _max_rel_diff(ours: dict, ref: dict) -> float:
 
 
 def _global_max(value: float) -> float:
-    t = torch.tensor([value])
+    t = torch.tensor([value], device=device())
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     return t.item()
 

@@ -25,7 +25,9 @@ import json
 import pathlib
 import shutil
 
-from megatron_most.convert.mapping import RULES, hf_config_fields
+from megatron_most.convert.hf_config import hf_config_fields
+from megatron_most.convert.hf_most.configuration_most import MoSTHFConfig
+from megatron_most.convert.mapping import RULES
 
 HERE = pathlib.Path(__file__).resolve().parent
 CODE_FILES = ("configuration_most.py", "modeling_most.py")
@@ -40,7 +42,7 @@ AUDIO_PROJECTION = tuple(r.hf[0] for r in RULES if r.megatron in ("audio_project
 
 def hf_config_dict(most, **overrides) -> dict:
     """config.json fields (without auto_map) of the MoST HF model for a MoSTConfig `most`: the
-    DeepSeek-V2 fields of mapping.hf_config_fields with the padded vocabulary and the MoST extras."""
+    DeepSeek-V2 fields of hf_config.hf_config_fields with the padded vocabulary and the MoST extras."""
     mamoe = most.mamoe
     text, audio = mamoe.groups()
     fields = dict(
@@ -64,8 +66,6 @@ def hf_config_dict(most, **overrides) -> dict:
 
 def hf_config(most, **overrides):
     """MoSTHFConfig for a MoSTConfig `most`."""
-    from megatron_most.convert.hf_most.configuration_most import MoSTHFConfig
-
     fields = hf_config_dict(most, **overrides)
     fields.pop("model_type")
     return MoSTHFConfig(**fields)

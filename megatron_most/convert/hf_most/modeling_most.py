@@ -26,6 +26,8 @@ import inspect
 
 import torch
 import torch.nn.functional as F
+import transformers
+from packaging.version import Version
 from torch import nn
 from transformers import initialization as init
 from transformers.cache_utils import DynamicCache
@@ -42,6 +44,15 @@ from transformers.models.deepseek_v2.modeling_deepseek_v2 import (
 )
 
 from .configuration_most import MoSTHFConfig
+
+MIN_TRANSFORMERS = "5.15"
+"""Oldest release this code is tested on; DeepseekV2 attention in earlier 5.x releases computes
+other logits for the same weights."""
+if Version(transformers.__version__) < Version(MIN_TRANSFORMERS):
+    raise ImportError(
+        f"MoST remote code needs transformers>={MIN_TRANSFORMERS}, found {transformers.__version__}: "
+        f"pip install -U 'transformers>={MIN_TRANSFORMERS},<6'"
+    )
 
 # transformers 5.x renamed the cache argument (`past_key_values` -> `cache`, with
 # `cache_position` dropped) and the output field with it; this file follows whichever API the

@@ -1,0 +1,102 @@
+"""What both conversion directions share.
+
+- the dtype tables: `DTYPES` (the --dtype names) and `HF_DTYPE_NAMES` (config.json's torch_dtype);
+- most_config.json, the MoSTConfig next to a converted checkpoint: written by hf-to-megatron
+  (`write_most_config`), read by megatron-to-hf (`load_most_config`);
+- `build_template`: MoSTModel's sharded state dict at TP = PP = EP = 1 on the meta device, the
+  template hf-to-megatron writes and megatron-to-hf reads the torch_dist checkpoint with;
+- `load_into`: a converted checkpoint loaded into a model at the current layout (the --verify
+  of both directions);
+- `ExportError`, raised by megatron-to-hf and the modules under it (reader, hf_writer).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+from megatron_most.model.checkpoint import load_values
+from megatron_most.model.config import MoSTConfig
+from megatron_most.model.most import build_meta_model
+from megatron_most.moe.config import MAMoEConfig
+
+CONFIG_NAME = "most_config.json"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+HF_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+"""The DTYPES as config.json's torch_dtype names them."""
+
+
+class ExportError(ValueError):
+    """The checkpoint cannot be exported in the requested format."""
+
+
+def build_template(most: MoSTConfig, dtype: torch.dtype | None = None):
+    """MoSTModel's sharded state dict at TP = PP = EP = 1 on the meta device; floating tensors
+    in `dtype` if given (the dtype the checkpoint is written in)."""
+    sizes = (
+        parallel_state.get_tensor_model_parallel_world_size(),
+        parallel_state.get_pipeline_model_parallel_world_size(),
+        parallel_state.get_expert_model_parallel_world_size(),
+    )
+    if sizes != (1, 1, 1) or torch.distributed.get_world_size() != 1:
+        raise RuntimeError(
+            f"the converter runs as one process at TP=PP=EP=1 (got TP/PP/EP {sizes}, world {torch.distributed.get_world_size()})"
+        )
+    template = build_meta_model(most).sharded_state_dict()
+    if dtype is None:
+        return template
+
+    def cast(value):
+        if isinstance(value, (ShardedTensor, ShardedTensorFactory)) and value.data.is_floating_point():
+            data = value.data.to(dtype)
+            if isinstance(value, ShardedTensor):
+                return dataclasses.replace(value, data=data, dtype=dtype)
+            return dataclasses.replace(value, data=data)
+        return value
+
+    return dict_list_map_inplace(cast, template)
+
+
+def write_most_config(directory, most: MoSTConfig) -> None:
+    """most_config.json next to a checkpoint: the MoSTConfig megatron-to-hf and training read."""
+    (Path(directory) / CONFIG_NAME).write_text(json.dumps(dataclasses.asdict(most), indent=1, default=list))
+
+
+def load_most_config(megatron_dir) -> MoSTConfig:
+    """The MoSTConfig saved next to a converted checkpoint (most_config.json)."""
+    path = Path(megatron_dir) / CONFIG_NAME
+    if not path.is_file():
+        raise ExportError(
+            f"{path} not found: the MoSTConfig of the checkpoint is needed (hf-to-megatron writes it next to the checkpoint)"
+        )
+    values = json.loads(path.read_text())
+    mamoe = dict(values.pop("mamoe"))
+    for key in ("text_experts", "audio_experts"):
+        if mamoe.get(key) is not None:
+            mamoe[key] = tuple(mamoe[key])
+    return MoSTConfig.from_dict({**values, "mamoe": MAMoEConfig.from_dict(mamoe)})
+
+
+def load_into(model, out_dir) -> None:
+    """Load the converted checkpoint into `model` at the current layout (resharded, cast to the
+    model's dtype)."""
+    values = load_values(model, Path(out_dir))
+    model.load_state_dict(values, strict=False)
+
+
+__all__ = [
+    "CONFIG_NAME",
+    "DTYPES",
+    "HF_DTYPE_NAMES",
+    "ExportError",
+    "build_template",
+    "write_most_config",
+    "load_most_config",
+    "load_into",
+]
