@@ -84,8 +84,9 @@ def _body(root: str) -> dict:
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from megatron_most.convert.common import write_most_config
+    from megatron_most.convert.common import load_most_config, write_most_config
     from megatron_most.convert.hf_most import AUTO_MAP
+    from megatron_most.model.checkpoint import load_values
     from megatron_most.model.most import build_model
     from megatron_most.platform import ParallelLayout, initialize
     from tests import hf_deepseek
@@ -208,6 +209,31 @@ def _body(root: str) -> dict:
     out["h2m"] = _run(
         tool, ["hf-to-megatron", "--hf", root / "hf", "--out", root / "mamoe", "--preset", "tiny", "--verify"]
     )
+    # the source's special ids and generation config survive both directions with no flags given
+    source_config = json.loads((root / "hf" / "config.json").read_text())
+    ids_config = {"bos_token_id": 3, "eos_token_id": 5, "pad_token_id": 4}
+    (root / "hf" / "config.json").write_text(json.dumps({**source_config, **ids_config}))
+    (root / "hf" / "generation_config.json").write_text(json.dumps({**ids_config, "temperature": 0.7}))
+    out["ids_h2m"] = _run(tool, ["hf-to-megatron", "--hf", root / "hf", "--out", root / "ids_mg", "--preset", "tiny"])
+    out["ids_m2h"] = _run(tool, ["megatron-to-hf", "--megatron", root / "ids_mg", "--out", root / "ids_hf"])
+    exported = json.loads((root / "ids_hf" / "config.json").read_text())
+    out["ids"] = {k: exported.get(k) for k in ids_config}
+    out["generation"] = json.loads((root / "ids_hf" / "generation_config.json").read_text())
+    (root / "hf" / "config.json").write_text(json.dumps(source_config))
+    (root / "hf" / "generation_config.json").unlink()
+
+    # the MoST export converts back (any preset: its config.json holds the MoST settings), bit-identical
+    out["most_back"] = _run(
+        tool,
+        ["hf-to-megatron", "--hf", export, "--out", root / "most_back", "--preset", "deepseek_v2_lite", "--verify"],
+    )
+    original, back = load_values(model, root / "most"), load_values(model, root / "most_back")
+    out["most_back_exact"] = sorted(n for n in original if not torch.equal(original[n], back[n]))
+    back_config = load_most_config(root / "most_back")  # seq_length is the preset's
+    out["most_back_config"] = back_config.mamoe.groups() == most.mamoe.groups() and back_config.replace(
+        mamoe=most.mamoe
+    ) == most.replace(seq_length=4096)
+
     with _swapped_expert_halves():
         out["h2m_corrupt"] = _run(
             tool, ["hf-to-megatron", "--hf", root / "hf", "--out", root / "bad_mamoe", "--preset", "tiny", "--verify"]
@@ -291,3 +317,20 @@ def test_corrupted_conversion_fails_verify(result):
         assert rc == 1 and "verify: FAIL" in printed and "--verify FAILED" in printed, (name, printed)
         assert set(d) == checks and all(status == "FAIL" and diff > 1e-2 for diff, status in d.values()), (name, d)
     assert result["left"] == [], result["left"]  # nothing written on FAIL or error
+
+
+def test_source_special_ids_and_generation_config_carry_through(result):
+    for step in ("ids_h2m", "ids_m2h"):
+        assert result[step][0] == 0, result[step][1]
+    assert result["ids"] == {"bos_token_id": 3, "eos_token_id": 5, "pad_token_id": 4}, result["ids"]
+    generation = result["generation"]
+    assert generation["temperature"] == 0.7 and (generation["bos_token_id"], generation["eos_token_id"]) == (3, 5)
+
+
+def test_most_export_converts_back_bit_identical(result):
+    rc, printed = result["most_back"]
+    d = _diffs(printed)
+    assert rc == 0 and set(d) == {"text", "text+audio"}, printed
+    assert all(status == "PASS" and diff < TOLERANCE for diff, status in d.values()), d
+    assert result["most_back_exact"] == [], result["most_back_exact"]
+    assert result["most_back_config"]

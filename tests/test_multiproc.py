@@ -81,7 +81,9 @@ def _reduce_host_tensor(on_device: bool):
     import torch
 
     from megatron_most.platform import ParallelLayout, device, initialize
+    from tests import device_guard
 
+    device_guard.watch(__file__)  # the guard marks the package's tensors; here, this test's too
     initialize(ParallelLayout())
     value = torch.tensor([1.0], device=device()) if on_device else torch.tensor([1.0])
     torch.distributed.all_reduce(value * 2)  # the mark follows the tensor through ops

@@ -28,22 +28,32 @@ config.json, tokenizer files copied from --tokenizer). A text-only model with va
 written in the plain DeepSeek-V2 format that transformers loads natively; a MoST model (MAMoE
 routing, audio paths) in the MoST format: the whole padded vocabulary, the audio projection,
 and the model code (configuration_most.py, modeling_most.py, auto_map) for
-AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True). bos/eos ids in config.json
-come from --tokenizer, else --bos-id/--eos-id, else DeepSeek-V2's 100000/100001.
+AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True). bos/eos/pad ids in config.json
+come from --bos-id/--eos-id/--pad-id, else --tokenizer, else the source checkpoint's (recorded in
+conversion.json by hf-to-megatron, with its generation_config.json, which is written back), else
+DeepSeek-V2's 100000/100001.
+
+A MoST model exported in the MoST format converts back with hf-to-megatron (any --preset: the
+MoST config.json gives the MAMoE groups, masking, variant and audio paths).
 
 --verify (both directions) runs the source and the converted model on the same inputs (text,
 and text with unit tokens and audio-feature spans for a MoST model; both models in memory in
 fp32), prints the max abs logit difference and PASS/FAIL; on FAIL nothing is written and the
 exit status is 1. Other errors exit with 2. hf-to-megatron at a layout other than TP = PP = EP = 1
-runs the converted model on lcm(tp*pp, etp*ep*pp) gloo processes on this machine (CPU).
+runs the converted model on lcm(tp*pp, etp*ep*pp) gloo processes on this machine.
+
+Conversion and --verify run on the CPU on every machine (fp32 logits; this tool hides the GPUs
+from CUDA before torch starts): conversion moves bytes, and a GPU holds no more than RAM.
 """
 
-from __future__ import annotations
+import os
 
-import argparse
-import sys
+os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch initialises CUDA: see the docstring
 
-from megatron_most.convert.cli import run
+import argparse  # noqa: E402
+import sys  # noqa: E402
+
+from megatron_most.convert.cli import run  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -51,8 +61,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     sub = parser.add_subparsers(dest="command", required=True)
     h2m = sub.add_parser(
         "hf-to-megatron",
-        help="HF DeepSeek-V2 safetensors -> MoST torch_dist checkpoint",
-        description="HF DeepSeek-V2 safetensors -> MoST torch_dist checkpoint. The checkpoint reshards on load: it "
+        help="HF DeepSeek-V2 (or MoST export) safetensors -> MoST torch_dist checkpoint",
+        description="HF DeepSeek-V2 (or MoST-format export) safetensors -> MoST torch_dist checkpoint. The checkpoint reshards on load: it "
         "loads at any TP/PP/EP/ETP layout that divides the model. --tp/--pp/--ep/--etp name the layout it is made "
         "for: checked against config.json before anything is read or written, used by --verify, and recorded in "
         "conversion.json next to most_config.json.",
@@ -84,8 +94,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     m2h.add_argument("--megatron", required=True, help="torch_dist checkpoint directory (with most_config.json)")
     m2h.add_argument("--out", required=True, help="output HF directory (must not exist or be empty)")
     m2h.add_argument("--tokenizer", help="directory whose tokenizer files are copied into --out (and give bos/eos ids)")
-    m2h.add_argument("--bos-id", type=int, help="bos_token_id when --tokenizer does not give one (default 100000)")
-    m2h.add_argument("--eos-id", type=int, help="eos_token_id when --tokenizer does not give one (default 100001)")
+    m2h.add_argument("--bos-id", type=int, help="bos_token_id (default: the tokenizer's, the source's, 100000)")
+    m2h.add_argument("--eos-id", type=int, help="eos_token_id (default: the tokenizer's, the source's, 100001)")
+    m2h.add_argument("--pad-id", type=int, help="pad_token_id (default: the tokenizer's, the source's, none)")
     m2h.add_argument(
         "--format",
         default="auto",
@@ -109,6 +120,7 @@ def main(argv=None) -> int:
             fmt=args.format,
             bos_token_id=args.bos_id,
             eos_token_id=args.eos_id,
+            pad_token_id=args.pad_id,
         )
     else:
         sp = args.tp > 1 if args.sp is None else args.sp

@@ -12,7 +12,7 @@ from megatron_most.convert.megatron_to_hf import export
 from megatron_most.convert.verify import VerifyError
 from megatron_most.model.config import preset
 from megatron_most.options import ConfigError
-from megatron_most.platform import ParallelLayout, initialize
+from megatron_most.platform import ParallelLayout, has_gpu, initialize
 
 COMMANDS = ("hf-to-megatron", "megatron-to-hf")
 
@@ -26,6 +26,13 @@ def run(command: str, *, dtype: str | None = None, **options) -> int:
     if command not in COMMANDS:
         raise ValueError(f"command {command!r}: choose one of {COMMANDS}")
     dtype = DTYPES[dtype] if dtype else None
+    if has_gpu():
+        print(
+            "error: the converter runs on the CPU; hide the GPUs before torch starts (CUDA_VISIBLE_DEVICES='', as "
+            "tools/convert_checkpoint.py does)",
+            file=sys.stderr,
+        )
+        return 2
     try:
         initialize(ParallelLayout())
         if command == "megatron-to-hf":

@@ -7,6 +7,9 @@
   template hf-to-megatron writes and megatron-to-hf reads the torch_dist checkpoint with;
 - `load_into`: a converted checkpoint loaded into a model at the current layout (the --verify
   of both directions);
+- conversion.json, the record of what a converted checkpoint was made from: written by
+  hf-to-megatron (`write_record`), read by megatron-to-hf (`read_record`) for the source's special
+  token ids and generation config;
 - `ExportError`, raised by megatron-to-hf and the modules under it (reader, hf_writer).
 """
 
@@ -27,6 +30,9 @@ from megatron_most.model.most import build_meta_model
 from megatron_most.moe.config import MAMoEConfig
 
 CONFIG_NAME = "most_config.json"
+RECORD_NAME = "conversion.json"
+SPECIAL_TOKENS = ("bos_token_id", "eos_token_id", "pad_token_id")
+"""config.json's special token ids, carried from the source through conversion.json."""
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 HF_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 """The DTYPES as config.json's torch_dtype names them."""
@@ -83,6 +89,16 @@ def load_most_config(megatron_dir) -> MoSTConfig:
     return MoSTConfig.from_dict({**values, "mamoe": MAMoEConfig.from_dict(mamoe)})
 
 
+def write_record(directory, record: dict) -> None:
+    (Path(directory) / RECORD_NAME).write_text(json.dumps(record, indent=1))
+
+
+def read_record(megatron_dir) -> dict:
+    """conversion.json of a converted checkpoint, or {} (a checkpoint trained from scratch)."""
+    path = Path(megatron_dir) / RECORD_NAME
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def load_into(model, out_dir) -> None:
     """Load the converted checkpoint into `model` at the current layout (resharded, cast to the
     model's dtype)."""
@@ -92,6 +108,10 @@ def load_into(model, out_dir) -> None:
 
 __all__ = [
     "CONFIG_NAME",
+    "RECORD_NAME",
+    "SPECIAL_TOKENS",
+    "read_record",
+    "write_record",
     "DTYPES",
     "HF_DTYPE_NAMES",
     "ExportError",

@@ -7,6 +7,11 @@ masking). The YaRN parameters come as transformers 5's `rope_parameters` (rope_t
 the hub's `rope_scaling` with a top-level `rope_theta`; both are read, either is written.
 Shared experts are the one correspondence that is not a plain row: HF counts them
 (`n_shared_experts` x `moe_intermediate_size` wide), MoST gives their total width.
+
+The MoST remote-code format (model_type "most", written by megatron-to-hf) adds `most_extras`:
+the padded vocabulary as `vocab_size` with the text vocabulary in `text_vocab_size`, the audio
+paths, the expert groups, masking and variant; `config_from_hf` reads them back, so an export
+converts back to the same MoSTConfig whatever the preset.
 """
 
 from __future__ import annotations
@@ -61,14 +66,57 @@ def _check_constants(config: dict) -> None:
         raise ConfigError("config.json: num_key_value_heads != num_attention_heads: MLA has one key/value per head")
 
 
+MOST_EXTRAS = (
+    "text_vocab_size",
+    "num_units",
+    "audio_feature_dim",
+    "text_experts",
+    "audio_experts",
+    "masking",
+    "variant",
+)
+
+
+def most_extras(most: MoSTConfig) -> dict:
+    """config.json fields the MoST format adds to (or, for vocab_size, changes in) DeepSeek-V2's."""
+    text, audio = most.mamoe.groups()
+    return dict(
+        vocab_size=most.tokens.padded_size,
+        text_vocab_size=most.text_vocab_size,
+        num_units=most.num_units,
+        audio_feature_dim=most.audio_feature_dim,
+        text_experts=list(text),
+        audio_experts=list(audio),
+        masking=most.mamoe.masking,
+        variant=most.mamoe.variant,
+    )
+
+
+def _read_most_extras(config: dict) -> tuple[dict, dict]:
+    """(MoSTConfig changes, MAMoEConfig changes) of a MoST-format config.json."""
+    missing = [key for key in MOST_EXTRAS if key not in config]
+    if missing:
+        raise ConfigError(f"config.json has model_type 'most' but lacks {missing}: not a megatron-to-hf MoST export")
+    model = {key: config[key] for key in ("text_vocab_size", "num_units", "audio_feature_dim")}
+    mamoe = {key: config[key] for key in ("masking", "variant")}
+    mamoe.update(text_experts=tuple(config["text_experts"]), audio_experts=tuple(config["audio_experts"]))
+    return model, mamoe
+
+
 def config_from_hf(config: dict, base: MoSTConfig) -> MoSTConfig:
-    """`base` (a preset) with the architecture of an HF DeepSeek-V2 config.json. Raises
-    ConfigError on a config this converter cannot map."""
+    """`base` (a preset) with the architecture of an HF DeepSeek-V2 config.json, or everything
+    of a MoST-format one. Raises ConfigError on a config this converter cannot map."""
     _check_constants(config)
     rope = _rope_params(config)
     values = {f.most: _read(f, config, rope, base) for f in FIELDS if f.hf is not None and f.read}
     mamoe_changes = {k.removeprefix("mamoe."): values.pop(k) for k in list(values) if k.startswith("mamoe.")}
-    if base.mamoe.variant != "no_shared":
+    variant = base.mamoe.variant
+    if config.get("model_type") == "most":
+        model_extras, mamoe_extras = _read_most_extras(config)
+        values.update(model_extras)  # text_vocab_size replaces the padded vocab_size
+        mamoe_changes.update(mamoe_extras)
+        variant = mamoe_extras["variant"]
+    if variant != "no_shared":
         mamoe_changes["shared_expert_size"] = int(config.get("n_shared_experts") or 0) * values["moe_ffn_size"]
     try:
         mamoe = dataclasses.replace(base.mamoe, **mamoe_changes)
@@ -112,4 +160,4 @@ def hf_config_fields(most: MoSTConfig, *, rope: str = "parameters", **overrides)
     return fields
 
 
-__all__ = ["config_from_hf", "hf_config_fields"]
+__all__ = ["MOST_EXTRAS", "config_from_hf", "hf_config_fields", "most_extras"]

@@ -34,7 +34,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTenso
 from megatron.core.dist_checkpointing.strategies.torch import flatten_state_dict
 
 from megatron_most.convert import hf_config, mapping
-from megatron_most.convert.common import DTYPES, build_template, write_most_config
+from megatron_most.convert.common import DTYPES, SPECIAL_TOKENS, build_template, write_most_config, write_record
 from megatron_most.convert.hf_reader import CheckpointError, HFCheckpoint, read_config
 from megatron_most.convert.output import atomic_output, check_output
 from megatron_most.convert.verify import DEFAULT_TOLERANCE, VerifyError, verify
@@ -43,8 +43,6 @@ from megatron_most.model.config import MoSTConfig
 from megatron_most.model.layout import check_layout, default_world_size, stage_layers
 from megatron_most.options import ConfigError
 from megatron_most.platform.layout import ParallelLayout
-
-RECORD_NAME = "conversion.json"
 
 
 def _template_entries(template) -> dict:
@@ -86,8 +84,8 @@ def plan(ckpt: HFCheckpoint, most: MoSTConfig, entries: dict) -> list[tuple]:
                     want = (most.mamoe.num_experts, *shape)  # fused experts: [E, 2I, H] / [E, H, I]
                 elif item.rule.kind == "swiglu":
                     want = (shape[0] // 2, *shape[1:])
-                elif item.rule.kind == "vocab":
-                    want = (most.text_vocab_size, *shape[1:])
+                elif item.rule.kind == "vocab":  # DeepSeek: the text rows; a MoST export: the padded table
+                    want = shape if got[0] == shape[0] else (most.text_vocab_size, *shape[1:])
                 else:
                     want = shape
                 if got != want:
@@ -182,7 +180,7 @@ def convert(
             checked = _verify_or_raise(
                 hf_dir, tmp, most, out_dir, layout=layout, tolerance=tolerance, seed=seed, log=log
             )
-        write_record(tmp, hf_dir, dtype, seed, layout, checked)
+        write_record(tmp, conversion_record(hf_dir, dtype, seed, layout, checked))
     log(
         f"wrote {out_dir}: {stats.entries} tensors, {stats.bytes / 2**20:.1f} MiB (target layout {layout.describe()}, "
         "loads at any layout)"
@@ -190,12 +188,14 @@ def convert(
     return most, stats
 
 
-def write_record(
-    directory, hf_dir, dtype: torch.dtype, seed: int, layout: ParallelLayout, checked: dict | None
-) -> None:
-    """conversion.json next to most_config.json: what the checkpoint was made from and for."""
-    record = dict(
+def conversion_record(hf_dir, dtype: torch.dtype, seed: int, layout: ParallelLayout, checked: dict | None) -> dict:
+    """conversion.json next to most_config.json: what the checkpoint was made from and for, with
+    the source's special token ids and generation config (megatron-to-hf writes them back)."""
+    source = read_config(hf_dir)
+    generation = Path(hf_dir) / "generation_config.json"
+    return dict(
         source=str(Path(hf_dir).resolve()),
+        source_format=source.get("model_type"),
         dtype={v: k for k, v in DTYPES.items()}[dtype],
         seed=seed,
         layout=dict(
@@ -207,9 +207,10 @@ def write_record(
             smallest_world_size=default_world_size(layout),
         ),
         note="torch_dist checkpoint: reshards on load to any layout that divides the model, not only this one",
+        special_tokens={k: source[k] for k in SPECIAL_TOKENS if source.get(k) is not None},
+        generation_config=json.loads(generation.read_text()) if generation.is_file() else None,
         verify=checked,
     )
-    (Path(directory) / RECORD_NAME).write_text(json.dumps(record, indent=1))
 
 
 def _verify_or_raise(hf_dir, tmp, most, out_dir, *, layout: ParallelLayout, **kwargs) -> dict:

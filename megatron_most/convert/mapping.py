@@ -8,7 +8,8 @@ name pattern(s) it comes from, and how the HF tensors become the Megatron tensor
     vocab    HF rows into the first `text_vocab_size` rows; the rows after them (audio markers,
              units, padding) newly initialised: seeded normal(0, init_std)
     new      no DeepSeek-V2 source: seeded normal(0, init_std) (`init="normal"`) or zeros; `hf`
-             names the tensor in the MoST remote-code export (megatron-to-hf) only
+             names the tensor in the MoST remote-code export, from which hf-to-megatron copies
+             it back
 
 `alternatives` lists other HF layouts of the same tensor, tried in order when the first is
 absent (transformers' fused in-memory experts: `experts.gate_up_proj[E]`, `experts.down_proj[E]`;
@@ -180,10 +181,12 @@ def megatron_keys(most: MoSTConfig) -> list[str]:
 
 
 def choose_source(item: Item, has: Callable[[str], bool]) -> tuple[Source, tuple[str, ...]] | None:
-    """The first HF layout of `item` whose tensors all exist; None for a "new" rule.
-    Raises KeyError naming the expected tensors if no layout is complete."""
+    """The first HF layout of `item` whose tensors all exist. A "new" rule has none in a
+    DeepSeek-V2 checkpoint (None: initialise it) but is copied from a MoST-format export, which
+    holds it under `hf`. Raises KeyError naming the expected tensors if no layout is complete."""
     if item.rule.kind == "new":
-        return None
+        names = item.hf_names(Source(item.rule.hf))
+        return (Source(item.rule.hf), names) if names and all(has(n) for n in names) else None
     tried = []
     for source in item.rule.sources():
         names = item.hf_names(source)
@@ -212,7 +215,7 @@ def produce(
     (`get_row(name, i)`, if given, reads one expert of a stacked tensor).
     `source` is choose_source's result. Swiglu returns [gate, up] (the writer's fc1 chunks)."""
     rule = item.rule
-    if rule.kind == "new":
+    if rule.kind == "new" and source is None:
         if rule.init == "zeros":
             return torch.zeros(shape, dtype=dtype)
         return _seeded_normal(item.key, shape, most.init_std, seed).to(dtype)
@@ -222,7 +225,7 @@ def produce(
     else:
         tensors = [get(n) for n in names]
     tensors = [t.to(dtype) for t in tensors]
-    if rule.kind == "copy":
+    if rule.kind in ("copy", "new"):  # "new" with a source: a MoST-format export holds it
         return tensors[0].contiguous()
     if rule.kind == "swiglu":
         if len(tensors) == 1:  # a fused [gate; up] alternative

@@ -21,8 +21,10 @@
 4. HF tensors go into safetensors shards of at most `max_shard_size` bytes (hf_writer.ShardWriter:
    a tensor larger than that gets a shard of its own; a shard is written and dropped once full). Then
    model.safetensors.index.json, config.json (deepseek_v2: the hub's form, rope_scaling +
-   rope_theta; most: hf_most.hf_config_dict + auto_map and the two code files), bos/eos ids
-   (the tokenizer's, else given, else DeepSeek-V2's) and, if given, the tokenizer files; with
+   rope_theta; most: hf_most.hf_config_dict + auto_map and the two code files), bos/eos/pad ids
+   (given, else the tokenizer's, else the source's from conversion.json, else DeepSeek-V2's),
+   generation_config.json (the source's, <feat> suppressed for MoST) and, if given, the
+   tokenizer files; with
    `verify` the logits of the source and of the export loaded by transformers are compared
    (verify.verify_export).
    Everything goes to `.<name>.partial-<pid>` next to `out_dir`, renamed to `out_dir` at the
@@ -40,7 +42,14 @@ import torch
 from transformers import AutoTokenizer
 
 from megatron_most.convert import mapping
-from megatron_most.convert.common import DTYPES, HF_DTYPE_NAMES, ExportError, build_template, load_most_config
+from megatron_most.convert.common import (
+    DTYPES,
+    HF_DTYPE_NAMES,
+    ExportError,
+    build_template,
+    load_most_config,
+    read_record,
+)
 from megatron_most.convert.hf_config import hf_config_fields
 from megatron_most.convert.hf_most import hf_config_dict, write_remote_code
 from megatron_most.convert.hf_writer import ExportStats, ShardWriter, copy_tokenizer, parse_size
@@ -90,37 +99,54 @@ def check_plain_deepseek(most: MoSTConfig) -> None:
         )
 
 
-def special_token_ids(
-    most: MoSTConfig, tokenizer=None, bos_token_id: int | None = None, eos_token_id: int | None = None
-) -> dict:
-    """bos/eos ids for config.json: the tokenizer's (from `tokenizer`, a directory), else the
-    given ids, else DeepSeek-V2's (100000, 100001); each must be a text token id."""
-    ids = {"bos_token_id": bos_token_id, "eos_token_id": eos_token_id}
-    flags = {"bos_token_id": "--bos-id", "eos_token_id": "--eos-id"}
+FLAGS = {"bos_token_id": "--bos-id", "eos_token_id": "--eos-id", "pad_token_id": "--pad-id"}
+
+
+def special_token_ids(most: MoSTConfig, tokenizer=None, recorded: dict | None = None, **given) -> dict:
+    """bos/eos (and pad) ids for config.json. Each comes from, first to last: the flag (`given`:
+    bos_token_id=..., eos_token_id=..., pad_token_id=...), the tokenizer in directory
+    `tokenizer`, the source checkpoint's ids recorded in conversion.json (`recorded`), else
+    DeepSeek-V2's bos/eos (100000, 100001; no pad). A flag that contradicts the tokenizer is an
+    error; every id (an id or a list of ids, as HF allows for eos) must be a text token id."""
+    ids = {field: given.get(field) for field in FLAGS}
     if tokenizer is not None:
-        try:
-            tok = AutoTokenizer.from_pretrained(str(tokenizer))
-        except Exception as e:  # noqa: BLE001 - any loading problem is a bad --tokenizer
-            raise ExportError(f"--tokenizer {tokenizer}: transformers cannot load it ({type(e).__name__}: {e})") from e
-        for field in ids:
-            found = getattr(tok, field, None)
-            if found is None:
-                continue
+        for field, found in _tokenizer_ids(tokenizer).items():
             if ids[field] is not None and ids[field] != found:
                 raise ConfigError(
-                    f"{field}={ids[field]} ({flags[field]}) differs from the tokenizer's {found} in {tokenizer}: drop "
-                    f"{flags[field]} or give the matching tokenizer"
+                    f"{field}={ids[field]} ({FLAGS[field]}) differs from the tokenizer's {found} in {tokenizer}: drop "
+                    f"{FLAGS[field]} or give the matching tokenizer"
                 )
             ids[field] = found
-    for field, default in zip(ids, DEFAULT_BOS_EOS):
-        value = default if ids[field] is None else ids[field]
-        if not 0 <= value < most.text_vocab_size:
-            raise ConfigError(
-                f"{field}={value} is outside the text vocabulary (text_vocab_size={most.text_vocab_size}): give "
-                f"{flags[field]} or --tokenizer with the model's tokenizer"
-            )
-        ids[field] = value
-    return ids
+    for field, default in zip(FLAGS, (*DEFAULT_BOS_EOS, None)):
+        if ids[field] is None:
+            ids[field] = (recorded or {}).get(field, default)
+        for value in ids[field] if isinstance(ids[field], list) else [ids[field]]:
+            if value is not None and not 0 <= value < most.text_vocab_size:
+                raise ConfigError(
+                    f"{field}={value} is outside the text vocabulary (text_vocab_size={most.text_vocab_size}): give "
+                    f"{FLAGS[field]} or --tokenizer with the model's tokenizer"
+                )
+    return {field: value for field, value in ids.items() if value is not None}
+
+
+def _tokenizer_ids(tokenizer) -> dict:
+    try:
+        tok = AutoTokenizer.from_pretrained(str(tokenizer))
+    except Exception as e:  # noqa: BLE001 - any loading problem is a bad --tokenizer
+        raise ExportError(f"--tokenizer {tokenizer}: transformers cannot load it ({type(e).__name__}: {e})") from e
+    return {field: getattr(tok, field) for field in FLAGS if getattr(tok, field, None) is not None}
+
+
+def generation_config(most: MoSTConfig, fmt: str, special: dict, recorded: dict | None) -> dict | None:
+    """generation_config.json: the source's (from conversion.json) with the export's special ids;
+    a MoST model never emits <feat> (a frame comes from audio, not from the model), so greedy and
+    sampled decoding suppress it. None when there is nothing to write."""
+    config = dict(recorded or {})
+    if fmt == "most" and most.audio_feature_dim:
+        config["suppress_tokens"] = sorted({*config.get("suppress_tokens", []), most.tokens.feature})
+    if not config:
+        return None
+    return {**config, **special}
 
 
 def hf_config(most: MoSTConfig, dtype: torch.dtype, fmt: str = "deepseek_v2", **overrides) -> dict:
@@ -201,6 +227,7 @@ def export(
     fmt: str = "auto",
     bos_token_id: int | None = None,
     eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
     verify: bool = False,
     tolerance: float = DEFAULT_TOLERANCE,
     log=print,
@@ -218,7 +245,11 @@ def export(
         raise ValueError(f"max shard size {max_shard_size!r} must be positive")
     most = load_most_config(megatron_dir)
     fmt = choose_format(most, fmt)
-    special = special_token_ids(most, tokenizer, bos_token_id, eos_token_id)
+    record = read_record(megatron_dir)
+    special = special_token_ids(
+        most, tokenizer, record.get("special_tokens"), bos_token_id=bos_token_id, eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+    )  # fmt: skip
     reader = TorchDistReader(megatron_dir, build_template(most))
     items = list(mapping.items(most))
     missing = [i.key for i in items if i.key not in reader.entries]
@@ -249,6 +280,9 @@ def export(
             del tensor
         shards.finish()
         (tmp / "config.json").write_text(json.dumps(hf_config(most, dtype, fmt, **special), indent=2) + "\n")
+        generation = generation_config(most, fmt, special, record.get("generation_config"))
+        if generation is not None:
+            (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         if fmt == "most":
             write_remote_code(tmp)
         if tokenizer is not None:

@@ -31,7 +31,7 @@ from megatron_most.convert.hf_writer import TOKENIZER_FILES
 from megatron_most.model.config import MoSTConfig
 from megatron_most.model.layout import default_world_size
 from megatron_most.model.most import build_model
-from megatron_most.platform import initialize
+from megatron_most.platform import has_gpu, initialize
 from megatron_most.platform.layout import ParallelLayout
 from megatron_most.platform.spawn import RankError, run_ranks
 
@@ -181,19 +181,24 @@ def verify(
     default_world_size(layout) gloo ranks spawned on this machine (each loads its shards
     of the checkpoint, resharded); every last-stage rank's logits (TP columns gathered) are
     compared and the worst is reported. Returns ({check: max abs diff}, all passed)."""
+    require_cpu("--verify")
     layout = layout or ParallelLayout()
     in_process = (layout.tp, layout.pp, layout.ep, layout.expert_tp) == (1, 1, 1, 1)
     seq = min(seq, most.seq_length)
     seq -= seq % layout.tp  # sequence parallelism splits the sequence over TP
-    hf = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+    source_is_most = json.loads((Path(hf_dir) / "config.json").read_text()).get("model_type") == "most"
+    hf = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32, trust_remote_code=source_is_most)
+    hf = hf.eval()
     checks = []  # (name, config of the MoSTModel, ids, features, expected logits, local model or None)
-    if most.mamoe.variant != "no_shared":  # DeepSeek always has its shared experts
+    if source_is_most:  # a MoST export: the source model is the reference itself
+        checks = _most_source_checks(hf, most, batch, seq, seed)
+    elif most.mamoe.variant != "no_shared":  # DeepSeek always has its shared experts
         vanilla = most.replace(mamoe=dataclasses.replace(most.mamoe, variant="vanilla"))
         ids = torch.randint(0, most.text_vocab_size, (batch, seq), generator=torch.Generator().manual_seed(seed))
         with torch.no_grad():
             expected = hf(input_ids=ids).logits
         checks.append(("text", vanilla, ids, None, expected, None))
-    if has_audio(most):
+    if has_audio(most) and not source_is_most:
         # the reference takes the tensors the source lacks from the converted checkpoint, at TP1
         model = build_model(most, most.transformer_config(), use_te=False).eval()
         load_into(model, out_dir)
@@ -235,7 +240,7 @@ def verify(
 
     diffs, ok = {}, True
     for (name, _, _, _, expected, _), got in zip(checks, outputs):
-        if name == "text":  # DeepSeek has no audio rows
+        if name == "text" and not source_is_most:  # DeepSeek has no audio rows
             got = [g[..., : most.text_vocab_size] for g in got]
         worst = max(got, key=lambda g: _gap(g, expected))
         label = name if in_process else f"{name}, MoSTModel at {layout.describe()}, worst of {len(got)} rank(s)"
@@ -243,6 +248,29 @@ def verify(
         ok &= passed
     log(f"verify: {'PASS' if ok else 'FAIL'}")
     return diffs, ok
+
+
+def _most_source_checks(hf, most: MoSTConfig, batch: int, seq: int, seed: int) -> list:
+    """Checks against a MoST-format source (the remote-code model holding every tensor): text,
+    and text with units and feature spans, on MoSTModel as configured."""
+    ids = torch.randint(0, most.text_vocab_size, (batch, seq), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        checks = [("text", most, ids, None, hf(input_ids=ids).logits, None)]
+        if has_audio(most):
+            ids, features = sample_batch(most, batch, seq, seed)
+            expected = hf(input_ids=ids, audio_features=features).logits
+            checks.append((most_check_name(most), most, ids, features, expected, None))
+    return checks
+
+
+def require_cpu(what: str) -> None:
+    """Both sides of a check run in fp32 on the CPU (the reference model, the inputs and the
+    gloo ranks); a process that sees a GPU would mix devices."""
+    if has_gpu():
+        raise VerifyError(
+            f"{what} runs on the CPU: hide the GPUs before torch starts (CUDA_VISIBLE_DEVICES='', as "
+            "tools/convert_checkpoint.py does)"
+        )
 
 
 def _gap(got: torch.Tensor, expected: torch.Tensor) -> float:
@@ -330,6 +358,7 @@ def verify_export(
     (fp32; the remote code for the MoST format) on the same inputs: SAMPLE_TEXT tokenized with the
     exported tokenizer or seeded random text, and for a MoST model unit tokens and
     <boa> <feat>... <eoa> spans with audio features. Prints the max abs difference and PASS/FAIL."""
+    require_cpu("--verify")
     out_dir = Path(out_dir)
     config = json.loads((out_dir / "config.json").read_text())
     remote = config.get("model_type") == "most"

@@ -26,16 +26,19 @@ from megatron.core.transformer import multi_latent_attention
 from megatron.core.transformer.multi_latent_attention import MLASelfAttention
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
+from megatron_most.platform import init_device
+
 _seam = threading.Lock()
 
 
 class ReplicatedLinear(torch.nn.Module):
     def __init__(self, input_size, output_size, *, config, init_method, bias=False, skip_bias_add=False, **_):
         super().__init__()
-        self.weight = torch.nn.Parameter(torch.empty(output_size, input_size, dtype=config.params_dtype))
+        where = dict(dtype=config.params_dtype, device=init_device(config))
+        self.weight = torch.nn.Parameter(torch.empty(output_size, input_size, **where))
         if config.perform_initialization:
             init_method(self.weight)
-        self.bias = torch.nn.Parameter(torch.zeros(output_size, dtype=config.params_dtype)) if bias else None
+        self.bias = torch.nn.Parameter(torch.zeros(output_size, **where)) if bias else None
         self.skip_bias_add = skip_bias_add
         for param in self.parameters():
             param.sequence_parallel = config.sequence_parallel

@@ -10,7 +10,8 @@ Text tokens, discrete HuBERT unit tokens and continuous HuBERT features share on
   ids and modality ids stay aligned; placeholders carry modality 1 and are never targets.
 
 Packed rows (position ids restarting at 0 inside a row, as data/dataset.py makes them) get a
-block-diagonal causal mask derived here (model/packing.py) unless a mask is passed.
+block-diagonal causal mask on local specs and THD PackedSeqParams on Transformer Engine, both
+derived here from the position ids (model/packing.py).
 
 Modality ids derive from the token ids on every pipeline stage, so generation needs no extra
 input; they reach the MAMoE layers through Megatron's `padding_mask` argument (moe.layer).
@@ -25,11 +26,11 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.models.gpt import GPTModel
 
 from megatron_most.model.config import MoSTConfig
-from megatron_most.model.packing import segment_mask
+from megatron_most.model.packing import attention_inputs
 from megatron_most.model.spec import decoder_block_spec
 from megatron_most.moe import mamoe_block_spec, pack_routing_info
 from megatron_most.options import ConfigError
-from megatron_most.platform import ParallelLayout, has_transformer_engine, initialize, shutdown
+from megatron_most.platform import ParallelLayout, has_transformer_engine, init_device, initialize, shutdown
 
 
 class MoSTModel(GPTModel):
@@ -67,7 +68,11 @@ class MoSTModel(GPTModel):
         self.audio_projection = None
         if pre_process and most.audio_feature_dim:
             self.audio_projection = torch.nn.Linear(
-                most.audio_feature_dim, config.hidden_size, bias=True, dtype=config.params_dtype
+                most.audio_feature_dim,
+                config.hidden_size,
+                bias=True,
+                dtype=config.params_dtype,
+                device=init_device(config),
             )
             config.init_method(self.audio_projection.weight)
             torch.nn.init.zeros_(self.audio_projection.bias)
@@ -86,31 +91,26 @@ class MoSTModel(GPTModel):
     ):
         if self.pre_process and self.most.validate_inputs:
             self.tokens.validate(input_ids, self.most.seq_length, audio_lengths)
-        if attention_mask is None and position_ids is not None:
-            attention_mask = self._packed_mask(position_ids)
+        attention_mask, packed = attention_inputs(position_ids, attention_mask, self.uses_te)
         routing = pack_routing_info(self.tokens.modality(input_ids), padding_mask)
+        shape = input_ids.shape
+        if packed is not None:  # THD: the rows become one sequence of batch * seq tokens
+            input_ids, position_ids, routing = (t.reshape(1, -1) for t in (input_ids, position_ids, routing))
+            labels = labels.reshape(1, -1) if labels is not None else None
         decoder_input = self.embed(input_ids, position_ids, audio_features) if self.pre_process else None
-        return super().forward(
+        output = super().forward(
             input_ids,
             position_ids,
             attention_mask,
             decoder_input=decoder_input,
             labels=labels,
             padding_mask=routing,
+            packed_seq_params=packed,
             **kwargs,
         )
-
-    def _packed_mask(self, position_ids: torch.Tensor) -> torch.Tensor | None:
-        """Block-diagonal causal mask when position ids restart mid-row (packed samples)."""
-        mask = segment_mask(position_ids)
-        if mask is not None and self.uses_te:
-            # TE core attention with a causal mask type ignores a dense mask; packed samples would
-            # silently attend to each other. Its packed path (PackedSeqParams, THD) is not wired yet.
-            raise NotImplementedError(
-                "packed sequences (position_ids restarting inside a row) need PackedSeqParams on the Transformer "
-                "Engine path; build the model with use_te=False or the dataset with pack=False"
-            )
-        return mask
+        if packed is not None and self.post_process:  # [1, batch * seq(, vocab)] -> [batch, seq(, vocab)]
+            output = output.reshape(*shape, *output.shape[2:])
+        return output
 
     def embed(self, input_ids, position_ids, audio_features=None) -> torch.Tensor:
         """Token embeddings with audio frames in place: [seq(/tp under SP), batch, hidden]."""

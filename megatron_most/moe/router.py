@@ -15,6 +15,7 @@ from megatron_most.moe import routing
 from megatron_most.moe.config import MAMoEConfig
 from megatron_most.moe.modality import AUDIO, PADDING, TEXT
 from megatron_most.moe.stats import RoutingStats
+from megatron_most.platform import init_device
 
 
 class MAMoERouter(TopKRouter):
@@ -22,7 +23,8 @@ class MAMoERouter(TopKRouter):
         super().__init__(config, pg_collection=pg_collection)
         self.mamoe = mamoe
         self.groups = mamoe.groups()
-        self.register_buffer("allowed", routing.group_masks(mamoe.num_experts, self.groups), persistent=False)
+        allowed = routing.group_masks(mamoe.num_experts, self.groups, device=init_device(config))
+        self.register_buffer("allowed", allowed, persistent=False)
         self.stats = RoutingStats(mamoe.num_experts)
 
     def routing(self, logits: torch.Tensor, padding_mask: torch.Tensor | None = None):

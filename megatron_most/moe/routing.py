@@ -16,9 +16,9 @@ from __future__ import annotations
 import torch
 
 
-def group_masks(num_experts: int, groups: tuple[tuple[int, ...], ...]) -> torch.Tensor:
+def group_masks(num_experts: int, groups: tuple[tuple[int, ...], ...], device=None) -> torch.Tensor:
     """[num_groups, num_experts] bool: row g marks the experts a token of modality g may use."""
-    masks = torch.zeros(len(groups), num_experts, dtype=torch.bool)
+    masks = torch.zeros(len(groups), num_experts, dtype=torch.bool, device=device)
     for g, experts in enumerate(groups):
         masks[g, list(experts)] = True
     return masks

@@ -11,12 +11,11 @@ import dataclasses
 import functools
 
 from megatron.core import parallel_state
-from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_most.moe.config import MAMoEConfig
-from megatron_most.moe.experts import PlacedSequentialMLP
+from megatron_most.moe.experts import placed_experts
 from megatron_most.moe.layer import MAMoELayer
 from megatron_most.moe.placement import logical_of_physical
 from megatron_most.moe.router import MAMoERouter
@@ -39,14 +38,10 @@ def _to_mamoe(layer_spec: ModuleSpec, mamoe: MAMoEConfig, slots: list[int]) -> M
     mlp = layer_spec.submodules.mlp
     if mlp.module is not MoELayer:
         return layer_spec
-    experts = mlp.submodules.experts
-    if experts.module is SequentialMLP:
-        experts = dataclasses.replace(experts, module=PlacedSequentialMLP, params={**experts.params, "slots": slots})
-    elif slots != sorted(slots):
-        raise ConfigError(
-            f"MAMoEConfig.placement='balanced' needs SequentialMLP experts, got {experts.module.__name__}: "
-            "set moe_grouped_gemm=False or placement='contiguous'"
-        )
+    experts = mlp.submodules.experts  # SequentialMLP, TEGroupedMLP or GroupedMLP: checkpoint by logical id
+    experts = dataclasses.replace(
+        experts, module=placed_experts(experts.module), params={**experts.params, "slots": slots}
+    )
     submodules = dataclasses.replace(
         mlp.submodules, experts=experts, router=functools.partial(MAMoERouter, mamoe=mamoe)
     )

@@ -41,6 +41,13 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
+def init_device(config) -> torch.device | None:
+    """Where a module of ours creates its parameters, as Megatron's own layers do: on this
+    rank's GPU unless `config.use_cpu_initialization` (then the default device: the CPU, or
+    the meta device inside `torch.device("meta")` for counting)."""
+    return None if config.use_cpu_initialization else device()
+
+
 def choose_device(choice: str, *, field: str = "device") -> torch.device:
     """Device of a single-process job (audio loading, HuBERT): "cpu", "gpu" or "auto" (the GPU when
     there is one). ConfigError for "gpu" on a machine without CUDA."""
@@ -93,6 +100,7 @@ def fusion_settings(*, ddp: bool = False) -> dict:
         apply_rope_fusion=te,
         persist_layer_norm=False,
         moe_permute_fusion=te,
+        moe_grouped_gemm=te,  # TEGroupedMLP: all local experts in one grouped GEMM
         use_cpu_initialization=not gpu,
     )
 

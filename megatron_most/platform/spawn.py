@@ -25,6 +25,27 @@ import torch
 
 from megatron_most.platform.runtime import shutdown
 
+TORCHRUN_VARS = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "GROUP_WORLD_SIZE",
+    "ROLE_RANK",
+    "ROLE_NAME",
+    "ROLE_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+)
+
+
+def single_process_env(**overrides: str) -> dict:
+    """os.environ without torchrun's variables (which `platform.initialize` also sets for a
+    single process): a child process started with it forms its own one-rank job."""
+    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARS and not k.startswith("TORCHELASTIC_")}
+    return {**env, **overrides}
+
 
 class RankError(AssertionError):
     """A rank failed, died or did not finish (an AssertionError so a test reports it as a failure)."""

@@ -39,7 +39,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.optimizer import OptimizerConfig
 from megatron.core.transformer import TransformerConfig
 
-from megatron_most.model.checkpoint import load_values, save_values
+from megatron_most.model.checkpoint import load_sharded, load_values, save_values
 from megatron_most.model.config import tiny
 from megatron_most.model.loss import lm_loss
 from megatron_most.model.most import build_model as build_most
@@ -47,6 +47,7 @@ from megatron_most.model.spec import decoder_block_spec
 from megatron_most.moe import MAMoEConfig, mamoe_block_spec, pack_routing_info, stats
 from megatron_most.platform.layout import ParallelLayout
 from megatron_most.platform.runtime import device, fusion_settings, initialize
+from megatron_most.platform.spawn import single_process_env
 from megatron_most.training.engine import forward_backward, train_step, wrap
 
 NUM_EXPERTS = 4
@@ -160,7 +161,7 @@ def _batches(step: int, kind: str = "moe"):
     dp_size = parallel_state.get_data_parallel_world_size()
     gen = torch.Generator().manual_seed(1000 + step)
     if kind == "most":  # one fixed batch: the loss must fall as the model fits it
-        tokens = _most_tokens(torch.Generator().manual_seed(1000))
+        tokens = most_tokens(torch.Generator().manual_seed(1000))
     else:
         tokens = torch.randint(0, VOCAB, (GLOBAL, SEQ + 1), generator=gen)  # [global_batch, seq+1]
     mine = tokens.chunk(dp_size)[dp_rank]
@@ -172,7 +173,7 @@ def modality_of(tokens: torch.Tensor) -> torch.Tensor:
     return (tokens >= VOCAB // 2).long()
 
 
-def _forward_step(data_iterator, model, kind: str = "moe"):
+def forward_step(data_iterator, model, kind: str = "moe"):
     batch = next(data_iterator).to(next(model.parameters()).device)  # [micro, seq+1]
     tokens, labels = batch[:, :-1], batch[:, 1:]
     positions = torch.arange(SEQ, device=batch.device).expand_as(tokens)
@@ -199,7 +200,7 @@ def _most_forward_step(model, tokens, labels, positions, padding):
     return output, functools.partial(lm_loss, labels=labels, loss_mask=~padding, tokens=layout)
 
 
-def _most_tokens(gen: torch.Generator) -> torch.Tensor:
+def most_tokens(gen: torch.Generator) -> torch.Tensor:
     """[GLOBAL, SEQ + 1] MoST sequences: text, a continuous-feature span in even samples and a
     discrete-unit span in odd ones."""
     most = most_config()
@@ -227,13 +228,13 @@ def _backward_once(model, kind: str):
 
     ddp, _ = wrap(model, _optimizer_config(distributed=False))
     ddp.zero_grad_buffer()
-    step = functools.partial(_forward_step, kind=kind)
+    step = functools.partial(forward_step, kind=kind)
     return ddp, forward_backward(ddp, step, _batches(0, kind), **_schedule(_data_parallel_size(model)))
 
 
 def _train(model, kind: str, steps: int, dist_opt: bool):
     ddp, optimizer = wrap(model, _optimizer_config(distributed=dist_opt))
-    step = functools.partial(_forward_step, kind=kind)
+    step = functools.partial(forward_step, kind=kind)
     kwargs = _schedule(_data_parallel_size(model))
     return [train_step(ddp, optimizer, step, _batches(s, kind), **kwargs) for s in range(steps)]
 
@@ -294,7 +295,7 @@ def reference(workdir: Path, steps: int, kind: str) -> None:
 
 def _run_reference(workdir: Path, steps: int, kind: str, timeout_s: float) -> str | None:
     """Run `reference` in a fresh single-process job; return an error message or None."""
-    env = {k: v for k, v in os.environ.items() if k not in _TORCHRUN_VARS and not k.startswith("TORCHELASTIC_")}
+    env = single_process_env()
     if torch.cuda.is_available():
         env["CUDA_VISIBLE_DEVICES"] = str(torch.cuda.current_device())
     cmd = [
@@ -315,21 +316,6 @@ def _run_reference(workdir: Path, steps: int, kind: str, timeout_s: float) -> st
     if proc.returncode != 0:
         return f"single-rank reference run failed:\n{proc.stderr[-4000:]}"
     return None
-
-
-_TORCHRUN_VARS = {
-    "RANK",
-    "WORLD_SIZE",
-    "LOCAL_RANK",
-    "LOCAL_WORLD_SIZE",
-    "GROUP_RANK",
-    "ROLE_RANK",
-    "ROLE_NAME",
-    "ROLE_WORLD_SIZE",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-    "GROUP_WORLD_SIZE",
-}
 
 
 def _broadcast(obj):
@@ -393,7 +379,7 @@ def check(
         torch.distributed.barrier()
         dist_checkpointing.save(model.sharded_state_dict(), str(ckpt))
         reloaded = build_model(layout, kind)
-        reloaded.load_state_dict(dist_checkpointing.load(reloaded.sharded_state_dict(), str(ckpt)), strict=False)
+        reloaded.load_state_dict(load_sharded(reloaded.sharded_state_dict(), ckpt), strict=False)
         roundtrip_diff = _max_rel_diff(_weights(reloaded), _weights(model))
         torch.distributed.barrier()
 

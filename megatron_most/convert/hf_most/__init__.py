@@ -25,7 +25,7 @@ import json
 import pathlib
 import shutil
 
-from megatron_most.convert.hf_config import hf_config_fields
+from megatron_most.convert.hf_config import hf_config_fields, most_extras
 from megatron_most.convert.hf_most.configuration_most import MoSTHFConfig
 from megatron_most.convert.mapping import RULES
 
@@ -43,23 +43,8 @@ AUDIO_PROJECTION = tuple(r.hf[0] for r in RULES if r.megatron in ("audio_project
 def hf_config_dict(most, **overrides) -> dict:
     """config.json fields (without auto_map) of the MoST HF model for a MoSTConfig `most`: the
     DeepSeek-V2 fields of hf_config.hf_config_fields with the padded vocabulary and the MoST extras."""
-    mamoe = most.mamoe
-    text, audio = mamoe.groups()
-    fields = dict(
-        model_type="most",
-        architectures=["MoSTForCausalLM"],
-        **hf_config_fields(most),
-    )
-    fields.update(
-        vocab_size=most.tokens.padded_size,
-        text_vocab_size=most.text_vocab_size,
-        num_units=most.num_units,
-        audio_feature_dim=most.audio_feature_dim,
-        text_experts=list(text),
-        audio_experts=list(audio),
-        masking=mamoe.masking,
-        variant=mamoe.variant,
-    )
+    fields = dict(model_type="most", architectures=["MoSTForCausalLM"], **hf_config_fields(most))
+    fields.update(most_extras(most))
     fields.update(overrides)
     return fields
 
