@@ -96,7 +96,7 @@ def build_model(layout: ParallelLayout, kind: str = "moe", recompute: str | None
     shared expert, top-2 of 4 experts). `recompute`: None, "selective" (MoE) or "full"."""
     if kind == "most":
         most = most_config()
-        return build_most(most, most.transformer_config(layout, ddp=True, **_RECOMPUTE[recompute]))
+        return build_most(most, most.transformer_config(layout, precision="fp32", ddp=True, **_RECOMPUTE[recompute]))
     mamoe = kind == "mamoe"
 
     config = TransformerConfig(
@@ -126,7 +126,7 @@ def build_model(layout: ParallelLayout, kind: str = "moe", recompute: str | None
     spec = decoder_block_spec(config)
     if mamoe:
         spec = mamoe_block_spec(spec, config, mamoe_config())
-    return GPTModel(
+    model = GPTModel(
         config,
         spec,
         vocab_size=VOCAB,
@@ -136,6 +136,7 @@ def build_model(layout: ParallelLayout, kind: str = "moe", recompute: str | None
         position_embedding_type="rope",
         share_embeddings_and_output_weights=False,
     )
+    return model.to(device())  # Megatron's router creates its weight on the CPU
 
 
 _MOE_FIELDS = dict(
