@@ -24,6 +24,9 @@ setup(
         "scikit-learn",  # MiniBatchKMeans for the HuBERT unit codebook
         "jiwer",
         "tqdm",
+        "pyyaml",  # --config FILE.yaml of tools/pretrain_most.py
+        "tensorboard",  # TensorBoard event files (training/metrics.py, torch.utils.tensorboard)
+        "wandb",  # offline without WANDB_API_KEY (training/metrics.py)
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]"],

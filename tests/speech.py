@@ -149,3 +149,29 @@ def hf_tokenizer(directory: Path, *, vocab_size: int = 150) -> Path:
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>")
     fast.save_pretrained(directory)
     return Path(directory)
+
+
+def main(argv=None) -> int:
+    """`python -m tests.speech corpus OUT [--utterances N] [--hubert-dim D]`: the fixtures as files
+    for examples/tiny_cpu/prepare_data.sh: OUT/speech.jsonl (+ audio/), OUT/text.jsonl,
+    OUT/sp.model (sentencepiece) and OUT/hubert (small random HubertModel of width D)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    parser.add_argument("command", choices=["corpus"])
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--utterances", type=int, default=100)
+    parser.add_argument("--hubert-dim", type=int, default=32)
+    args = parser.parse_args(argv)
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    make_corpus(out, args.utterances).rename(out / "speech.jsonl")
+    make_text_corpus(out / "text.jsonl", n=4 * args.utterances)
+    sentencepiece_model(out).rename(out / "sp.model")
+    tiny_hubert(out / "hubert", hidden=args.hubert_dim)
+    print(f"wrote {out}: speech.jsonl ({args.utterances} utterances), text.jsonl, sp.model, hubert/")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

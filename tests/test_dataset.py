@@ -14,59 +14,9 @@ import torch
 
 from megatron_most.data.blend import MicroBatchSampler, build_datasets, collate, data_loader
 from megatron_most.data.dataset import AudioTextDatasetConfig
-from megatron_most.data.indexed import AudioTextWriter
-from megatron_most.model.vocab import TokenLayout
 from megatron_most.options import ConfigError
 from tests.multiproc import run_distributed
-
-T, K, DIM, SEQ = 256, 32, 16, 64  # the layout of model.config.tiny()
-LAYOUT = TokenLayout(T, K)
-BOS, EOS = 1, 2
-
-
-def _asr(rng):
-    """<bos> prompt (<boa> <feat>*f <eoa>){1,2} <eos> <bos> text <eos>; features for every <feat>."""
-    tokens, feats = [BOS, *rng.integers(3, T, rng.integers(1, 5))], []
-    lengths = []
-    for _ in range(rng.integers(1, 3)):
-        f = int(rng.integers(1, 12))
-        tokens += [LAYOUT.boa] + [LAYOUT.feature] * f + [LAYOUT.eoa]
-        feats.append(rng.standard_normal((f, DIM)).astype(np.float16))
-        lengths.append(f)
-    tokens += [EOS, BOS]
-    prompt = len(tokens)
-    tokens += [*rng.integers(3, T, rng.integers(1, 15)), EOS]
-    mask = [0] * prompt + [1] * (len(tokens) - prompt)
-    if rng.random() < 0.5:  # a stored mask of 1 at <feat> must still give no loss there
-        mask = [1 if t == LAYOUT.feature else m for t, m in zip(tokens, mask)]
-    return tokens, mask, np.concatenate(feats), lengths
-
-
-def _tts(rng):
-    tokens = [BOS, *rng.integers(3, T, rng.integers(1, 8)), EOS, BOS, LAYOUT.boa]
-    prompt = len(tokens) - 1
-    tokens += [*(LAYOUT.first_unit + rng.integers(0, K, rng.integers(3, 40))), LAYOUT.eoa, EOS]
-    return tokens, [0] * prompt + [1] * (len(tokens) - prompt), None, []
-
-
-def _text(rng):
-    """All tokens targets, <bos> included: only packing stops the loss at a sample's last token."""
-    tokens = [BOS, *rng.integers(3, T, rng.integers(1, 30)), EOS]
-    return tokens, [1] * len(tokens), None, []
-
-
-def _write(prefix, samples, *, feature_dim, num_units=K, text_vocab_size=T):
-    writer = AudioTextWriter(prefix, feature_dim=feature_dim)
-    for tokens, mask, feats, _ in samples:
-        writer.add(np.array(tokens), np.array(mask), feats)
-    writer.finalize(
-        {
-            "task": "test",
-            "mode": "features" if feature_dim else "units",
-            "text_vocab_size": text_vocab_size,
-            "num_units": num_units,
-        }
-    )
+from tests.packed_data import BOS, DIM, EOS, LAYOUT, SEQ, K, T, _asr, _text, _tts, _write  # noqa: F401
 
 
 @pytest.fixture(scope="module")
@@ -353,13 +303,16 @@ def _packed_vs_alone(prefix, dense_mask):
             feats = batch["audio_features"][frame : frame + frames] if frames else None
             alone.append(model(ids, torch.arange(length)[None], None, audio_features=feats))
             start, frame = start + length, frame + frames
-        if not dense_mask:  # TE's causal core attention would ignore the derived mask: refused, not silent
-            model.uses_te = True
-            try:
-                model(tokens, batch["position_ids"], None, audio_features=batch["audio_features"])
-                raise AssertionError("packed rows on the TE path were not refused")
-            except NotImplementedError as err:
-                assert "PackedSeqParams" in str(err)
+        # On the TE path packed rows become THD PackedSeqParams (model/packing.py), which reach the
+        # core attention (the local SDPA one refuses them by name), and a dense mask is refused
+        # (TE's causal kernel would ignore it and let the samples see each other).
+        model.uses_te = True
+        try:
+            model(tokens, batch["position_ids"], mask, audio_features=batch["audio_features"])
+            raise AssertionError("packed rows on the TE path ran without THD packing")
+        except (NotImplementedError, ConfigError) as err:
+            expected = "create_attention_mask=False" if dense_mask else "packed sequences"
+            assert expected in str(err), err
     return packed[0, :start], torch.cat(alone, dim=1)[0]
 
 

@@ -25,11 +25,9 @@ from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
 from megatron_most.model.checkpoint import load_values
-from megatron_most.model.config import MoSTConfig
+from megatron_most.model.config import CONFIG_NAME, MoSTConfig, read_config, write_config
 from megatron_most.model.most import build_meta_model
-from megatron_most.moe.config import MAMoEConfig
 
-CONFIG_NAME = "most_config.json"
 RECORD_NAME = "conversion.json"
 SPECIAL_TOKENS = ("bos_token_id", "eos_token_id", "pad_token_id")
 """config.json's special token ids, carried from the source through conversion.json."""
@@ -70,23 +68,16 @@ def build_template(most: MoSTConfig, dtype: torch.dtype | None = None):
 
 
 def write_most_config(directory, most: MoSTConfig) -> None:
-    """most_config.json next to a checkpoint: the MoSTConfig megatron-to-hf and training read."""
-    (Path(directory) / CONFIG_NAME).write_text(json.dumps(dataclasses.asdict(most), indent=1, default=list))
+    """most_config.json next to a converted checkpoint (model.config.write_config)."""
+    write_config(directory, most)
 
 
 def load_most_config(megatron_dir) -> MoSTConfig:
-    """The MoSTConfig saved next to a converted checkpoint (most_config.json)."""
-    path = Path(megatron_dir) / CONFIG_NAME
-    if not path.is_file():
-        raise ExportError(
-            f"{path} not found: the MoSTConfig of the checkpoint is needed (hf-to-megatron writes it next to the checkpoint)"
-        )
-    values = json.loads(path.read_text())
-    mamoe = dict(values.pop("mamoe"))
-    for key in ("text_experts", "audio_experts"):
-        if mamoe.get(key) is not None:
-            mamoe[key] = tuple(mamoe[key])
-    return MoSTConfig.from_dict({**values, "mamoe": MAMoEConfig.from_dict(mamoe)})
+    """The MoSTConfig of a checkpoint; ExportError naming the file when it has none."""
+    try:
+        return read_config(megatron_dir)
+    except FileNotFoundError as e:
+        raise ExportError(f"{e}; hf-to-megatron and training write it") from e
 
 
 def write_record(directory, record: dict) -> None:

@@ -135,10 +135,10 @@ class AudioTextSource:
         self.__init__(prefix)
 
 
-def check_header(source: AudioTextSource, config: AudioTextDatasetConfig) -> None:
-    """The dataset's token ids must mean what the model's layout says they mean."""
-    path = f"{source.prefix}.json"
-    h = source.header
+def check_header(prefix: str, h: dict, config: AudioTextDatasetConfig) -> None:
+    """The dataset's token ids must mean what the model's layout says they mean (header `h` of
+    the dataset at `prefix`; also run by the training entry before any process group exists)."""
+    path = f"{prefix}.json"
     if h["text_vocab_size"] != config.text_vocab_size:
         raise ConfigError(
             f"{path}: text_vocab_size={h['text_vocab_size']} but the model has "
@@ -188,7 +188,7 @@ class AudioTextDataset(MegatronDataset):
 
     def __init__(self, dataset: AudioTextSource, dataset_path, indices, num_samples, index_split: Split, config):
         super().__init__(dataset, dataset_path, indices, num_samples, index_split, config)
-        check_header(dataset, config)
+        check_header(dataset.prefix, dataset.header, config)
         layout = config.layout
         self.seq = config.sequence_length
         self.layout = layout
@@ -206,7 +206,7 @@ class AudioTextDataset(MegatronDataset):
     @staticmethod
     def build_low_level_dataset(dataset_path: str, config: AudioTextDatasetConfig) -> AudioTextSource:
         source = open_source(dataset_path)
-        check_header(source, config)  # fail before any index is built
+        check_header(source.prefix, source.header, config)  # fail before any index is built
         return source
 
     @staticmethod

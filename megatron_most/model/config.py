@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 
 import torch.nn.functional as F
 from megatron.core.transformer import MLATransformerConfig
@@ -90,6 +92,27 @@ class MoSTConfig:
     def replace(self, **changes) -> "MoSTConfig":
         return dataclasses.replace(self, **changes)
 
+    SHAPE_FIELDS = (
+        "num_layers", "hidden_size", "num_attention_heads", "text_vocab_size", "kv_lora_rank", "qk_nope_head_dim",
+        "qk_rope_head_dim", "v_head_dim", "first_k_dense", "dense_ffn_size", "moe_ffn_size", "num_units",
+        "audio_feature_dim",
+    )  # fmt: skip
+    """Fields that set a tensor's shape (the rest change behaviour: a checkpoint still loads)."""
+
+    def shape_differences(self, other: "MoSTConfig") -> list[str]:
+        """'field: self -> other' for every difference in tensor shapes between two models."""
+        pairs = [(f, getattr(self, f), getattr(other, f)) for f in self.SHAPE_FIELDS]
+        a, b = self.mamoe, other.mamoe
+        pairs += [
+            ("mamoe.num_experts", a.num_experts, b.num_experts),
+            (
+                "shared experts",
+                a.shared_expert_size * a.has_shared_experts,
+                b.shared_expert_size * b.has_shared_experts,
+            ),
+        ]
+        return [f"{name}: {x} -> {y}" for name, x, y in pairs if x != y]
+
     def transformer_config(
         self, layout: ParallelLayout | None = None, *, precision: str = "auto", ddp: bool = False, **overrides
     ):
@@ -138,6 +161,31 @@ class MoSTConfig:
             num_layers_in_first_pipeline_stage=base + (rest + 1) // 2,
             num_layers_in_last_pipeline_stage=base + rest // 2,
         )
+
+
+CONFIG_NAME = "most_config.json"
+"""The MoSTConfig next to every checkpoint (converted or trained): what megatron-to-hf,
+`--load` / `--pretrained-checkpoint` checks and the estimator read."""
+
+
+def write_config(directory, most: MoSTConfig) -> None:
+    """most_config.json in `directory`."""
+    (Path(directory) / CONFIG_NAME).write_text(json.dumps(dataclasses.asdict(most), indent=1, default=list))
+
+
+def read_config(directory) -> MoSTConfig:
+    """The MoSTConfig of most_config.json in `directory` (FileNotFoundError naming it if absent)."""
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: the checkpoint's MoSTConfig is written next to it by training and conversion"
+        )
+    values = json.loads(path.read_text())
+    mamoe = dict(values.pop("mamoe"))
+    for key in ("text_experts", "audio_experts"):
+        if mamoe.get(key) is not None:
+            mamoe[key] = tuple(mamoe[key])
+    return MoSTConfig.from_dict({**values, "mamoe": MAMoEConfig.from_dict(mamoe)})
 
 
 def deepseek_v2_lite_most() -> MoSTConfig:

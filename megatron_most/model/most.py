@@ -30,7 +30,7 @@ from megatron_most.model.packing import attention_inputs
 from megatron_most.model.spec import decoder_block_spec
 from megatron_most.moe import mamoe_block_spec, pack_routing_info
 from megatron_most.options import ConfigError
-from megatron_most.platform import ParallelLayout, device, has_transformer_engine, init_device, initialize, shutdown
+from megatron_most.platform import ParallelLayout, has_transformer_engine, init_device, initialize, place, shutdown
 
 
 class MoSTModel(GPTModel):
@@ -150,9 +150,7 @@ class MoSTModel(GPTModel):
 
 def build_model(most: MoSTConfig, config, *, vp_stage=None, use_te: bool | None = None) -> MoSTModel:
     """The MoST model chunk for this pipeline stage (Transformer Engine modules when `use_te`,
-    default: when installed on a GPU machine), on this rank's device as Megatron-LM's get_model
-    leaves it (a few Megatron modules, e.g. the router, create their weights on the CPU); a model
-    built inside `torch.device("meta")` stays there."""
+    default: when installed on a GPU machine), on this rank's device (`platform.place`)."""
     model = MoSTModel(
         most,
         config,
@@ -161,9 +159,7 @@ def build_model(most: MoSTConfig, config, *, vp_stage=None, use_te: bool | None 
         vp_stage=vp_stage,
         use_te=use_te,
     )
-    if not any(p.is_meta for p in model.parameters()):
-        model.to(device())
-    return model
+    return place(model)
 
 
 @contextlib.contextmanager

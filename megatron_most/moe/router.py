@@ -49,7 +49,8 @@ class MAMoERouter(TopKRouter):
         )
         if self.training and torch.is_grad_enabled() and self.mamoe.balance_coeff > 0:
             probs = self._attach_balance_loss(probs, scores, routing_map, valid, modality, (seq, batch))
-        self.stats.update(routing_map, probs, modality, valid)
+        if self.training:  # validation batches are not training traffic
+            self.stats.update(routing_map, probs, modality, valid)
         return probs, routing_map
 
     def _attach_balance_loss(self, probs, scores, routing_map, valid, modality, shape):

@@ -48,6 +48,14 @@ def init_device(config) -> torch.device | None:
     return None if config.use_cpu_initialization else device()
 
 
+def place(module: torch.nn.Module) -> torch.nn.Module:
+    """`module` on this rank's device, as Megatron-LM's get_model leaves a model chunk (a few
+    Megatron modules create weights on the CPU); a module built on the meta device stays there."""
+    if not any(p.is_meta for p in module.parameters()):
+        module.to(device())
+    return module
+
+
 def choose_device(choice: str, *, field: str = "device") -> torch.device:
     """Device of a single-process job (audio loading, HuBERT): "cpu", "gpu" or "auto" (the GPU when
     there is one). ConfigError for "gpu" on a machine without CUDA."""

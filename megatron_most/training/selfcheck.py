@@ -46,7 +46,7 @@ from megatron_most.model.most import build_model as build_most
 from megatron_most.model.spec import decoder_block_spec
 from megatron_most.moe import MAMoEConfig, mamoe_block_spec, pack_routing_info, stats
 from megatron_most.platform.layout import ParallelLayout
-from megatron_most.platform.runtime import device, fusion_settings, initialize
+from megatron_most.platform.runtime import device, fusion_settings, initialize, place
 from megatron_most.platform.spawn import single_process_env
 from megatron_most.training.engine import forward_backward, train_step, wrap
 
@@ -136,7 +136,7 @@ def build_model(layout: ParallelLayout, kind: str = "moe", recompute: str | None
         position_embedding_type="rope",
         share_embeddings_and_output_weights=False,
     )
-    return model.to(device())  # Megatron's router creates its weight on the CPU
+    return place(model)
 
 
 _MOE_FIELDS = dict(
