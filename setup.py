@@ -30,6 +30,6 @@ setup(
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]"],
-        "dev": ["pytest>=8", "pytest-timeout", "ruff"],
+        "dev": ["pytest>=8", "pytest-timeout", "pytest-xdist", "ruff"],
     },
 )

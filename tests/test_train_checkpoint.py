@@ -372,7 +372,7 @@ def _load_another_shape(tmp: Path):
 def test_loading_another_model_shape_names_the_tensor(tmp_path):
     wider, deeper, switched = run_distributed(_load_another_shape, 1, args=(tmp_path,))[0]
     assert (
-        wider.startswith("CheckpointError")
+        wider.startswith("CheckpointKeyError")
         and "decoder.layers.0.mlp.linear_fc1.weight (256, 64) (model: (192, 64))" in wider
     ), wider
     assert deeper.startswith("CheckpointKeyError") and "decoder.layers.4." in deeper, deeper

@@ -19,22 +19,47 @@ from pathlib import Path
 
 import torch
 from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.mapping import ShardedTensor
+from megatron.core.dist_checkpointing.state_dict_utils import load_preprocess
 from megatron.core.dist_checkpointing.validation import StrictHandling
 
 
 class CheckpointKeyError(KeyError):
-    """The model asks for tensors the checkpoint does not hold."""
+    """The model asks for tensors the checkpoint does not hold, or holds in another shape."""
+
+
+HINT = "it was saved for another model: compare the model's configuration with the checkpoint's most_config.json"
+
+
+def check_keys(sharded_state_dict: dict, path) -> None:
+    """Name every tensor the checkpoint at `path` lacks or holds in another shape, before any
+    read: dist_checkpointing stops at the first wrong shape inside torch's load planner, and
+    fails on a missing SwiGLU tensor (a factory's) with an error that names nothing. TE's
+    `_extra_state` may be missing (see the module docstring)."""
+    saved = dist_checkpointing.load_tensors_metadata(str(path))
+    wanted = [t for t in nested_values(load_preprocess(sharded_state_dict)[0]) if isinstance(t, ShardedTensor)]
+    missing = sorted({t.key for t in wanted if t.key not in saved and not t.key.endswith("_extra_state")})
+    if missing:
+        raise CheckpointKeyError(f"{path} lacks {len(missing)} tensor(s) the model needs, e.g. {missing[:3]}; {HINT}")
+    wrong = sorted(
+        f"{t.key} {tuple(saved[t.key].global_shape)} (model: {tuple(t.global_shape)})"
+        for t in wanted
+        if t.key in saved and saved[t.key].global_shape != t.global_shape
+    )
+    if wrong:
+        raise CheckpointKeyError(f"{path} holds {len(set(wrong))} tensor(s) in another shape, e.g. {wrong[:3]}; {HINT}")
 
 
 def load_sharded(sharded_state_dict: dict, path) -> dict:
-    """dist_checkpointing.load, tolerating only missing TE `_extra_state` entries (see above)."""
+    """dist_checkpointing.load, after `check_keys`, tolerating only missing TE `_extra_state`."""
+    check_keys(sharded_state_dict, path)
     # Megatron's "unexpected" keys: asked for by the model, absent from the checkpoint.
     loaded, _, absent = dist_checkpointing.load(sharded_state_dict, str(path), strict=StrictHandling.RETURN_UNEXPECTED)
     real = sorted(key for key in absent if not key.endswith("_extra_state"))
     if real:
         raise CheckpointKeyError(
-            f"checkpoint {path} lacks {len(real)} tensor(s) the model needs, e.g. {real[:4]}: it was saved for "
-            "another architecture (compare its most_config.json with the model's)"
+            f"checkpoint {path} lacks {len(real)} tensor(s) the model needs, e.g. {real[:4]}; {HINT}"
         )
     return loaded
 

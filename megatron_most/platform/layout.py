@@ -18,6 +18,9 @@ class ParallelLayout:
     sp: bool = False
     """Sequence parallelism: activations outside attention/MLP are split along the sequence
     across the tensor-parallel group. Needs tp > 1."""
+    vpp: int | None = None
+    """Virtual pipeline stages (model chunks) per pipeline rank, for the interleaved 1F1B
+    schedule; None = one chunk per rank. Needs pp > 1."""
 
     def __post_init__(self):
         for name in ("tp", "pp", "ep"):
@@ -26,6 +29,10 @@ class ParallelLayout:
         require(
             self.etp is None or (isinstance(self.etp, int) and self.etp >= 1),
             f"ParallelLayout.etp={self.etp!r}: must be None (same as tp) or an integer >= 1",
+        )
+        require(
+            self.vpp is None or (isinstance(self.vpp, int) and self.vpp >= 1 and self.pp > 1),
+            f"ParallelLayout.vpp={self.vpp!r}: virtual pipeline stages need pp > 1 and an integer >= 1",
         )
         require(
             not self.sp or self.tp > 1,
@@ -71,4 +78,5 @@ class ParallelLayout:
             )
 
     def describe(self) -> str:
-        return f"TP{self.tp} PP{self.pp} EP{self.ep} ETP{self.expert_tp}" + (" SP" if self.sp else "")
+        vpp = f" VPP{self.vpp}" if self.vpp else ""
+        return f"TP{self.tp} PP{self.pp}{vpp} EP{self.ep} ETP{self.expert_tp}" + (" SP" if self.sp else "")

@@ -208,8 +208,14 @@ class TrainConfig:
     # ---------------------------------------------------------------- derived
     @property
     def layout(self) -> ParallelLayout:
+        """The parallel layout; virtual stages follow from the preset's layer count."""
         sp = self.tensor_model_parallel_size > 1 if self.sequence_parallel is None else self.sequence_parallel
+        vpp = None
+        if self.num_layers_per_virtual_pipeline_stage is not None:
+            per_rank = preset(self.preset).num_layers // self.pipeline_model_parallel_size
+            vpp = max(1, per_rank // self.num_layers_per_virtual_pipeline_stage)
         return ParallelLayout(
+            vpp=vpp,
             tp=self.tensor_model_parallel_size,
             pp=self.pipeline_model_parallel_size,
             ep=self.expert_model_parallel_size,

@@ -56,20 +56,24 @@ def preflight(cfg: TrainConfig) -> MoSTConfig:
     layout.check_experts(most.mamoe.num_experts)
     check_layout(most, layout)
     stage_layers(most, layout)
-    if cfg.num_layers_per_virtual_pipeline_stage is not None:
-        per_stage = most.num_layers // layout.pp
-        require(
-            layout.pp > 1
-            and most.num_layers % layout.pp == 0
-            and per_stage % cfg.num_layers_per_virtual_pipeline_stage == 0,
-            f"--num-layers-per-virtual-pipeline-stage={cfg.num_layers_per_virtual_pipeline_stage}: needs PP > 1 and must "
-            f"divide the {most.num_layers} layers / PP {layout.pp} evenly",
-        )
     gbs = cfg.global_batch_size or cfg.micro_batch_size * dp
     require(
         gbs % (cfg.micro_batch_size * dp) == 0,
         f"--global-batch-size={gbs} is not a multiple of --micro-batch-size {cfg.micro_batch_size} x DP {dp}",
     )
+    if cfg.num_layers_per_virtual_pipeline_stage is not None:
+        per_rank, chunk = most.num_layers // layout.pp, cfg.num_layers_per_virtual_pipeline_stage
+        require(
+            layout.pp > 1 and most.num_layers % layout.pp == 0 and per_rank % chunk == 0 and per_rank > chunk,
+            f"--num-layers-per-virtual-pipeline-stage={chunk}: needs PP > 1 and must divide the {most.num_layers} "
+            f"layers / PP {layout.pp} = {per_rank} per rank into at least two virtual stages",
+        )
+        micro = gbs // (cfg.micro_batch_size * dp)
+        require(
+            micro % layout.pp == 0 and cfg.rampup_batch_size is None,
+            f"the interleaved schedule needs the micro-batches per step ({micro}) to be a multiple of PP "
+            f"({layout.pp}) and no --rampup-batch-size",
+        )
     require(most.seq_length <= most.max_position_embeddings, f"--seq-length={most.seq_length}: over the preset's range")
     batches.check_data(cfg, most)
     if cfg.load:
@@ -93,12 +97,10 @@ def _chunks(cfg: TrainConfig, most: MoSTConfig) -> list:
         )
     elif cfg.recompute_granularity == "selective":
         recompute = dict(recompute_granularity="selective", recompute_modules=["moe"])
-    vp = None
-    if cfg.num_layers_per_virtual_pipeline_stage is not None:
-        vp = most.num_layers // layout.pp // cfg.num_layers_per_virtual_pipeline_stage
-        recompute["virtual_pipeline_model_parallel_size"] = vp
+    if layout.vpp:
+        recompute["virtual_pipeline_model_parallel_size"] = layout.vpp
     config = most.transformer_config(layout, precision=cfg.precision, ddp=True, **recompute)
-    stages = range(vp) if vp else [None]
+    stages = range(layout.vpp) if layout.vpp else [None]
     return [build_model(most, config, vp_stage=s) for s in stages]
 
 
