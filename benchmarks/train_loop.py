@@ -75,7 +75,7 @@ def compare(data: list[str], rounds: int, steps: int, log_dir: str) -> tuple[flo
     cfg = parse(job(data, 10 * rounds * steps, log_dir))
     run = Run(cfg, preflight(cfg), log=lambda *a, **k: None)
     n = GLOBAL // MICRO
-    prefetched = batches.loader(run.valid, cfg, dp_rank=0, dp_size=1, workers=0)
+    prefetched = batches.loader(run.train_data, cfg, dp_rank=0, dp_size=1, workers=0)
     micro = [[next(prefetched) for _ in range(n)] for _ in range(steps)]
     loop_steps(run, 2)  # warm-up of both paths
     bare_steps(run, micro[:2])

@@ -163,7 +163,7 @@ def main(argv=None) -> int:
     parser.add_argument("--utterances", type=int, default=100)
     parser.add_argument("--hubert-dim", type=int, default=32)
     args = parser.parse_args(argv)
-    out = args.out
+    out = args.out.resolve()  # manifests hold absolute audio paths
     out.mkdir(parents=True, exist_ok=True)
     make_corpus(out, args.utterances).rename(out / "speech.jsonl")
     make_text_corpus(out / "text.jsonl", n=4 * args.utterances)

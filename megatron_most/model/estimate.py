@@ -23,10 +23,12 @@ more than one process; the parallel groups built for counting are TP=PP=EP=1.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
+import sys
 
-from megatron_most.model.config import MoSTConfig
+from megatron_most.model.config import MoSTConfig, read_config
 from megatron_most.model.layout import check_layout, default_world_size, stage_layers
 from megatron_most.model.most import build_meta_model, single_rank_groups
 from megatron_most.options import require
@@ -429,3 +431,17 @@ def format_table(est: Estimate) -> str:
     ]
     lines += [f"note: {note}" for note in est.notes]
     return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    """`python -m megatron_most.model.estimate DIR SEQ_LEN`: training FLOPs per token of the
+    MoSTConfig in DIR/most_config.json, printed as JSON. The training loop runs it in a child
+    process: counting builds the whole model, which its own parallel groups forbid."""
+    directory, seq_len = (argv or sys.argv[1:])[:2]
+    most = read_config(directory)
+    counts = count_parameters(most)
+    print(json.dumps({"flops_per_token": estimate(most, seq_len=int(seq_len), counts=counts).flops_per_token}))
+
+
+if __name__ == "__main__":
+    main()

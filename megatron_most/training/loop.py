@@ -218,10 +218,10 @@ class Run:
         self._resume()
         self.tasks = batches.task_names(cfg)
         self.valid_tasks = batches.task_names(cfg, "valid")
-        train, self.valid = batches.build(cfg, most, global_batch=self.gbs)
+        self.train_data, self.valid = batches.build(cfg, most, global_batch=self.gbs)
         dp_rank = parallel_state.get_data_parallel_rank()
         self.train_iter = batches.loader(
-            train, cfg, dp_rank=dp_rank, dp_size=self.dp, consumed=self.counters.consumed_train_samples
+            self.train_data, cfg, dp_rank=dp_rank, dp_size=self.dp, consumed=self.counters.consumed_train_samples
         )
         self.dp_rank = dp_rank
         self.keys = batches.report_keys(self.tasks)

@@ -6,17 +6,21 @@ and validation. Every collective here is run by every rank at the same step.
 
 from __future__ import annotations
 
+import json
 import math
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import torch
 from megatron.core.num_microbatches_calculator import get_num_microbatches
 from megatron.core.transformer.moe import moe_utils
 
-from megatron_most.model.estimate import count_parameters, estimate
+from megatron_most.model.config import write_config
 from megatron_most.moe import NAMES, stats
-from megatron_most.platform import ParallelLayout, device
-from megatron_most.platform.spawn import run_ranks
+from megatron_most.platform import device
+from megatron_most.platform.spawn import single_process_env
 from megatron_most.training import metrics
 from megatron_most.training.batches import MODALITY_KEYS
 
@@ -38,17 +42,18 @@ def per_task(totals: dict[str, float], tasks: list[str], prefix: str = "") -> di
     return out
 
 
-def _flops_per_token(most, seq_len: int) -> int:
-    """(child process) training FLOPs per token of the whole model, counted on the meta device."""
-    return estimate(most, ParallelLayout(), seq_len=seq_len, counts=count_parameters(most)).flops_per_token
-
-
 def flops_per_token(most, seq_len: int) -> int:
-    """Counted once by rank 0 in a one-rank child process (the count builds the whole model,
-    which this process's parallel groups forbid) and broadcast."""
+    """Counted once by rank 0 in a child process (counting builds the whole model, which this
+    process's parallel groups forbid; the CPU suffices: it is built on the meta device) and
+    broadcast."""
     box = [None]
     if torch.distributed.get_rank() == 0:
-        box[0] = run_ranks(_flops_per_token, 1, args=(most, seq_len), timeout_s=600)[0]
+        with tempfile.TemporaryDirectory(prefix="most_flops_") as tmp:
+            write_config(tmp, most)
+            cmd = [sys.executable, "-m", "megatron_most.model.estimate", tmp, str(seq_len)]
+            env = single_process_env(CUDA_VISIBLE_DEVICES="")
+            out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, check=True).stdout
+        box[0] = json.loads(out.strip().splitlines()[-1])["flops_per_token"]
     torch.distributed.broadcast_object_list(box, src=0)
     return box[0]
 
