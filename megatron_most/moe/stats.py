@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
+import numpy as np
 import torch
-from matplotlib.figure import Figure
 from megatron.core import parallel_state
 
+from megatron_most.moe import heatmap_png
 from megatron_most.moe.modality import NAMES
 from megatron_most.platform import device
 
@@ -84,23 +86,18 @@ def _replication(routers, dev) -> float:
 
 
 def heatmap(stats: dict, path: str | Path, title: str = "MAMoE routing") -> Path:
-    """Render token shares per layer x expert, one panel per modality, as a PNG (matplotlib's
-    object API: no pyplot, no process-wide backend)."""
-    tokens = stats["tokens"]  # [layers, modality, experts]
-    share = tokens / tokens.sum(-1, keepdim=True).clamp(min=1)
-    fig = Figure(figsize=(12, 1.5 + 0.35 * len(stats["layers"])))
-    axes = fig.subplots(1, len(NAMES), squeeze=False)
-    for m, name in enumerate(NAMES):
-        ax = axes[0, m]
-        image = ax.imshow(share[:, m].numpy(), aspect="auto", cmap="viridis", vmin=0)
-        slots = int(tokens[:, m].sum().item() / max(1, len(stats["layers"])))
-        ax.set_title(f"{name}: {slots} routed slots / layer")
-        ax.set_xlabel("expert")
-        ax.set_ylabel("layer")
-        ax.set_yticks(range(len(stats["layers"])), [str(layer) for layer in stats["layers"]])
-        fig.colorbar(image, ax=ax, label="share of routed slots")
-    fig.suptitle(title)
-    fig.tight_layout()
+    """Render the gathered counts as a PNG, in this process (`heatmap_png.draw`)."""
+    return heatmap_png.draw(stats["tokens"].numpy(), list(stats["layers"]), list(NAMES), path, title)
+
+
+def save_counts(stats: dict, path: str | Path) -> Path:
+    """The gathered token counts as an .npz (`tokens` [layers, modality, experts], `layers`,
+    `names`): kept beside the heatmap for analysis, and the input of `heatmap_png` as a script."""
     path = Path(path)
-    fig.savefig(path, dpi=100)
+    np.savez(path, tokens=stats["tokens"].numpy(), layers=np.asarray(stats["layers"]), names=np.asarray(NAMES))
     return path
+
+
+def heatmap_command(counts: str | Path, path: str | Path, title: str) -> list[str]:
+    """The command that renders `save_counts`'s file to a PNG in a process of its own."""
+    return [sys.executable, heatmap_png.__file__, str(counts), str(path), title]

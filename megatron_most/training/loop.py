@@ -317,6 +317,7 @@ class Run:
     def close(self) -> None:
         if self.checkpointer is not None:
             self.checkpointer.finalize(blocking=True)
+        self.monitor.close()
         self.metrics.close()
 
 

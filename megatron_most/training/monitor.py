@@ -11,6 +11,7 @@ import math
 import subprocess
 import sys
 import tempfile
+import typing
 from pathlib import Path
 
 import torch
@@ -69,10 +70,14 @@ class Monitor:
         self.peak = metrics.device_peak_tflops()
         self.reported = (run.counters.skipped_iterations, run.counters.nan_iterations)
         self.aux_names = _aux_loss_names(most)
+        # Heatmaps render in a process of their own (matplotlib would hold this interpreter for
+        # about 0.3 s each); a finished one goes to the sinks at a later step.
+        self._rendering: list[tuple[int, Path, subprocess.Popen, typing.IO]] = []
 
     # ------------------------------------------------------------------ every step
     def step(self, result: dict, seconds: float) -> None:
         c = self.run.counters
+        self.publish(wait=False)
         if result["updated"]:  # skipped steps are left out of the averages, as in Megatron-LM
             for key in ("lm_loss", "grad_norm", *MODALITY_KEYS, *self.run.keys):
                 self.sums[key] = self.sums.get(key, 0.0) + result[key]
@@ -166,8 +171,30 @@ class Monitor:
         if self.run.rank == 0 and directory:
             path = Path(directory) / "routing" / f"routing_{iteration:07d}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
-            stats.heatmap(gathered, path, title=f"MAMoE routing, iteration {iteration}")
-            self.run.metrics.image(iteration, "routing", str(path))
+            self.publish(wait=True)  # one at a time
+            counts = stats.save_counts(gathered, path.with_suffix(".npz"))
+            title = f"MAMoE routing, iteration {iteration}"
+            output = tempfile.TemporaryFile()
+            proc = subprocess.Popen(stats.heatmap_command(counts, path, title), stdout=output, stderr=output)
+            self._rendering.append((iteration, path, proc, output))
+
+    def publish(self, wait: bool) -> None:
+        """Hand finished heatmaps to the sinks (all of them with `wait`). A heatmap that failed
+        (or whose process was killed: SIGTERM reaches a whole SLURM step) is an event, never
+        the end of the run."""
+        while self._rendering and (wait or self._rendering[0][2].poll() is not None):
+            iteration, path, proc, output = self._rendering.pop(0)
+            if proc.wait() == 0:
+                self.run.metrics.image(iteration, "routing", str(path))
+            else:
+                output.seek(0)
+                tail = output.read().decode(errors="replace").strip().splitlines()[-1:]
+                self.run.metrics.event(iteration, f"routing heatmap not drawn (exit {proc.returncode}): {tail}")
+            output.close()
+
+    def close(self) -> None:
+        """Wait for the last heatmap and publish it."""
+        self.publish(wait=True)
 
     def validation(self, values: dict[str, float]) -> None:
         self.run.metrics.step(self.run.counters.iteration, values, train_iters=self.cfg.train_iters)
