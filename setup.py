@@ -23,6 +23,7 @@ setup(
         "sentencepiece",
         "scikit-learn",  # MiniBatchKMeans for the HuBERT unit codebook
         "jiwer",
+        "whisper-normalizer>=0.1,<0.2",  # only its english.json: the Whisper normaliser's spelling table (eval/normalize.py)
         "tqdm",
         "pyyaml",  # --config FILE.yaml of tools/pretrain_most.py
         "tensorboard",  # TensorBoard event files (training/metrics.py, torch.utils.tensorboard)

@@ -169,6 +169,29 @@ def render(
     return builder.finish()
 
 
+def render_prompt(
+    task: str,
+    value: str | dict,
+    audio: dict[str, AudioSegment],
+    tokenizer: TextTokenizer,
+    layout: TokenLayout,
+    options: TemplateOptions,
+    *,
+    mode: str,
+    instruction: str | None = None,
+) -> Rendered:
+    """The prompt of one generation request, as training renders it before the response (which
+    the model then writes, from its "<bos>"). `value` is the input text, or {"audio": path} for
+    audio in `audio`; task "asr", "tts" or "instruct" picks the default instruction."""
+    require(mode in MODES, f"mode={mode!r}: must be one of {MODES}")
+    defaults = {"asr": options.asr_instruction, "tts": options.tts_instruction, "instruct": options.chat_instruction}
+    require(task in defaults, f"task={task!r}: prompts are rendered for {sorted(defaults)}")
+    item = _Audio(value["audio"]) if isinstance(value, dict) else value
+    builder = _Builder(tokenizer, layout, audio, mode)
+    builder.add(options.parts("prompt"), {"instruction": instruction or defaults[task], "input": item}, target=False)
+    return builder.finish()
+
+
 def _pairs(task: str, sample, options: TemplateOptions) -> list[tuple[dict[str, Value], dict[str, Value]]]:
     """(prompt values, response values) per prompt/response pair of the sample."""
     if task == "asr":

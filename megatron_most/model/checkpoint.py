@@ -24,6 +24,41 @@ from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from megatron.core.dist_checkpointing.state_dict_utils import load_preprocess
 from megatron.core.dist_checkpointing.validation import StrictHandling
 
+TRACKER = "latest_checkpointed_iteration.txt"
+"""Megatron-LM's tracker file in a save folder: the iteration of the newest complete checkpoint."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used as asked; the message names the path and the fix."""
+
+
+def checkpoint_dir(save_dir, iteration: int) -> Path:
+    """Megatron-LM's folder of one checkpoint: SAVE/iter_0000500."""
+    return Path(save_dir) / f"iter_{iteration:07d}"
+
+
+def latest_iteration(load_dir) -> int | None:
+    """The iteration the tracker names; None without a tracker (no complete checkpoint)."""
+    tracker = Path(load_dir) / TRACKER
+    if not tracker.is_file():
+        return None
+    text = tracker.read_text().strip()
+    if not text.isdigit():
+        raise CheckpointError(f"{tracker} holds {text!r}, not an iteration number; delete it or fix it by hand")
+    return int(text)
+
+
+def weights_folder(path) -> Path:
+    """The torch_dist folder to read weights from: the one a save folder's tracker names, or
+    `path` itself when it is a torch_dist checkpoint (an iter_* folder, the converter's output)."""
+    path = Path(path)
+    iteration = latest_iteration(path)
+    folder = checkpoint_dir(path, iteration) if iteration is not None else path
+    if not dist_checkpointing.check_is_distributed_checkpoint(str(folder)):
+        named = f"{path / TRACKER} names {folder}, which is" if iteration is not None else f"{path} is"
+        raise FileNotFoundError(f"{named} not a complete torch_dist checkpoint (no metadata.json)")
+    return folder
+
 
 class CheckpointKeyError(KeyError):
     """The model asks for tensors the checkpoint does not hold, or holds in another shape."""

@@ -41,35 +41,18 @@ from megatron.core.dist_checkpointing.serialization import get_default_save_shar
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
 
-from megatron_most.model.checkpoint import load_sharded
+from megatron_most.model.checkpoint import TRACKER, CheckpointError, checkpoint_dir, latest_iteration, load_sharded
 from megatron_most.model.config import CONFIG_NAME, read_config, write_config
 from megatron_most.options import ConfigError
 from megatron_most.platform.runtime import device, has_gpu
 from megatron_most.training import checkpoint_state as cs
-from megatron_most.training.checkpoint_state import CheckpointError
 
-TRACKER = "latest_checkpointed_iteration.txt"
 TRAIN_STATE = "train_state.json"
 _ITER = re.compile(r"iter_(\d{7})")
 
 
-def checkpoint_dir(save_dir, iteration: int) -> Path:
-    return Path(save_dir) / f"iter_{iteration:07d}"
-
-
 def _partial_dir(save_dir, iteration: int) -> Path:
     return Path(save_dir) / f".iter_{iteration:07d}.partial"
-
-
-def latest_iteration(load_dir) -> int | None:
-    """The iteration the tracker names; None without a tracker (no complete checkpoint)."""
-    tracker = Path(load_dir) / TRACKER
-    if not tracker.is_file():
-        return None
-    text = tracker.read_text().strip()
-    if not text.isdigit():
-        raise CheckpointError(f"{tracker} holds {text!r}, not an iteration number; delete it or fix it by hand")
-    return int(text)
 
 
 class Checkpointer:

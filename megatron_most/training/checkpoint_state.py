@@ -19,12 +19,8 @@ from megatron.core.optimizer import distrib_optimizer
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron.core.utils import unwrap_model
 
+from megatron_most.model.checkpoint import CheckpointError
 from megatron_most.platform.runtime import has_gpu
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be used as asked; the message names the path and the fix."""
-
 
 CHECKPOINT_VERSION = 3.0
 """Megatron-LM's current `checkpoint_version` (query/key/value ordering of its legacy models)."""
