@@ -31,7 +31,7 @@ class Output:
     ids: list[int]
     """The generated token ids, as the model wrote them."""
     text: str
-    """Its text tokens, decoded (markers, units and bos/eos left out)."""
+    """Its text tokens, decoded (markers, units, bos/eos and ids the tokenizer lacks left out)."""
     units: list[int]
     """Its unit tokens as unit indices 0..K-1, in order (what the vocoder takes)."""
 
@@ -67,6 +67,7 @@ def build_prompt(
 def decode(ids: list[int], tokenizer: TextTokenizer, layout) -> Output:
     """Text and units of generated ids."""
     special = {tokenizer.bos, tokenizer.eos}
-    text = [i for i in ids if i < layout.text_vocab_size and i not in special]
+    # text rows past the tokenizer's vocabulary (the model's text table may be larger) carry no text
+    text = [i for i in ids if i < min(layout.text_vocab_size, tokenizer.vocab_size) and i not in special]
     units = [i - layout.first_unit for i in ids if layout.audio and layout.first_unit <= i < layout.size]
     return Output(ids=list(ids), text=tokenizer.decode(text).strip(), units=units)
