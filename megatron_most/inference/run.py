@@ -121,12 +121,14 @@ def encode_audio(paths: list[str], opts: GenerateOptions) -> dict[str, AudioSegm
     return out
 
 
-def run(opts: GenerateOptions, requests: list[Request], log=print) -> list[dict]:
-    """Serve every request; write and return the records (collective under torchrun: call on all ranks)."""
+def run(opts: GenerateOptions, requests: list[Request], log=print, *, model=None, audio=None) -> list[dict]:
+    """Serve every request; write and return the records (collective under torchrun: call on all
+    ranks). `model` (already loaded) and `audio` (path -> AudioSegment, already encoded) are optional."""
     tokenizer = load_tokenizer(opts.tokenizer)
-    model = load_model(opts.checkpoint)
+    model = model if model is not None else load_model(opts.checkpoint)
     layout = model.tokens
-    audio = encode_audio(sorted({r.value["audio"] for r in requests if isinstance(r.value, dict)}), opts)
+    if audio is None:
+        audio = encode_audio(sorted({r.value["audio"] for r in requests if isinstance(r.value, dict)}), opts)
     records, ready = {}, []
     for request in requests:
         try:

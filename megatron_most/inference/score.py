@@ -28,10 +28,8 @@ def _batch(model, items) -> list[tuple[float, int]]:
     for i, (ids, first) in enumerate(items):
         require(1 <= first < len(ids), f"item {i}: first target {first} must lie in [1, {len(ids)})")
         require(model.tokens.feature not in ids[first:], f"item {i}: <feat> positions are never scored")
-        require(
-            len(ids) <= model.most.seq_length,
-            f"item {i}: {len(ids)} tokens exceed the model's sequence length {model.most.seq_length}",
-        )
+        limit = model.most.max_position_embeddings
+        require(len(ids) <= limit, f"item {i}: {len(ids)} tokens exceed the model's {limit} positions")
     device = next(model.parameters()).device
     width = max(len(ids) for ids, _ in items)
     ids = torch.zeros(len(items), width, dtype=torch.long, device=device)
