@@ -62,8 +62,10 @@ def test_outputs_decode_to_text_and_units(tok):
     assert (out.text, out.units, out.ids) == ("the cat sat", [3, 7], ids)
 
 
-def _load_and_run(checkpoint, prompts_ids):
+def _load_and_run(checkpoint, prompts_ids, tp=1):
     import os
+
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
     from megatron_most.inference import Prompt, generate
     from megatron_most.inference.load import load_model
@@ -71,7 +73,7 @@ def _load_and_run(checkpoint, prompts_ids):
     from megatron_most.platform import ParallelLayout, initialize
 
     world = int(os.environ["WORLD_SIZE"])
-    initialize(ParallelLayout(ep=world), num_experts=8)
+    initialize(ParallelLayout(tp=tp, ep=world // tp, sp=tp > 1), num_experts=8)
     model = load_model(checkpoint)
     tokens = generate(model, [Prompt(ids) for ids in prompts_ids], max_new_tokens=6, eos_id=None)
     items = [(ids + new, len(ids)) for ids, new in zip(prompts_ids, tokens, strict=True)]
@@ -80,13 +82,14 @@ def _load_and_run(checkpoint, prompts_ids):
     with torch.no_grad():  # the reference: one unpadded forward per item
         for ids, first in items:
             x = torch.tensor([ids])
-            logp = torch.log_softmax(model(x, torch.arange(len(ids))[None], None)[0, :-1].float(), -1)
+            logits = gather_from_tensor_model_parallel_region(model(x, torch.arange(len(ids))[None], None))
+            logp = torch.log_softmax(logits[0, :-1].float(), -1)
             singles.append(logp.gather(-1, x[0, 1:, None]).squeeze(-1)[first - 1 :].sum().item())
     return tokens, scores, singles
 
 
 @pytest.mark.slow
-def test_a_pretraining_checkpoint_generates_and_scores_at_ep1_and_ep2(tmp_path):
+def test_a_pretraining_checkpoint_generates_and_scores_at_one_rank_ep2_and_tp2(tmp_path):
     blend = write_tiny_blend(tmp_path / "data", sizes=(60, 60, 90))
     data = [blend[name][0] for name in ("asr", "tts", "text")]
     out = tmp_path / "run"
@@ -95,9 +98,11 @@ def test_a_pretraining_checkpoint_generates_and_scores_at_ep1_and_ep2(tmp_path):
     prompts = [[5, 9, 17, layout.boa, layout.unit(2), layout.unit(4)], [7, 7, 30], [layout.boa, layout.unit(1)]]
     one = run_distributed(_load_and_run, 1, args=(str(out), prompts), timeout_s=300)[0]
     two = run_distributed(_load_and_run, 2, args=(str(out), prompts), timeout_s=300)
+    tp2 = run_distributed(_load_and_run, 2, args=(str(out), prompts, 2), timeout_s=300)
     tokens, scores, singles = one
     assert all(len(row) == 6 for row in tokens)
     assert two[0][0] == tokens and two[1][0] == tokens  # EP2 generates what one rank generates
+    assert tp2[0][0] == tokens and tp2[1][0] == tokens  # and so does TP2
     assert [n for _, n in scores] == [6, 6, 6]
     assert np.allclose([s for s, _ in scores], singles, atol=1e-4), (scores, singles)
     assert np.allclose([s for s, _ in two[0][1]], singles, atol=1e-4)

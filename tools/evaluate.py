@@ -62,7 +62,11 @@ def main(argv=None) -> int:
         print(f"evaluate.py: {err}", file=sys.stderr)
         return 2
     initialize(
-        ParallelLayout(tp=args.tensor_model_parallel_size, ep=args.expert_model_parallel_size),
+        ParallelLayout(
+            tp=args.tensor_model_parallel_size,
+            ep=args.expert_model_parallel_size,
+            sp=args.tensor_model_parallel_size > 1,  # the groups' check for MoE; inference itself runs without SP
+        ),
         num_experts=most.mamoe.num_experts,
     )
     try:

@@ -62,7 +62,11 @@ def main(argv=None) -> int:
     except (ConfigError, FileNotFoundError) as err:
         print(f"generate.py: {err}", file=sys.stderr)
         return 2
-    layout = ParallelLayout(tp=args.tensor_model_parallel_size, ep=args.expert_model_parallel_size)
+    layout = ParallelLayout(
+        tp=args.tensor_model_parallel_size,
+        ep=args.expert_model_parallel_size,
+        sp=args.tensor_model_parallel_size > 1,  # the groups' check for MoE; inference itself runs without SP
+    )
     initialize(layout, num_experts=most.mamoe.num_experts)
     try:
         run(opts, requests)

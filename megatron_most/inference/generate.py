@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
 from megatron_most.inference.cache import DecodeState, decode_step
 from megatron_most.options import require
@@ -108,7 +109,8 @@ def _uncached_logits(model, prompts: list[Prompt], generated: list[list[int]]) -
     for prompt, new in zip(prompts, generated, strict=True):
         ids = torch.tensor([prompt.ids + new], device=_device(model))
         positions = torch.arange(ids.shape[1], device=ids.device)[None]
-        logits = model(ids, positions, None, audio_features=prompt.features)  # [1, s, vocab]
+        logits = model(ids, positions, None, audio_features=prompt.features)  # [1, s, vocab / tp]
+        logits = gather_from_tensor_model_parallel_region(logits)
         rows.append(logits[0, -1].float())
     return torch.stack(rows)
 

@@ -11,6 +11,7 @@ before them, and how many tokens that is, so callers report the sum or the mean 
 from __future__ import annotations
 
 import torch
+from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
 from megatron_most.options import require
 
@@ -39,7 +40,7 @@ def _batch(model, items) -> list[tuple[float, int]]:
         scored[row, first : len(seq)] = True
     positions = torch.arange(width, device=device)[None].expand(len(items), -1)
     model.eval()
-    logits = model(ids, positions, None).float()  # [b, s, vocab]
+    logits = gather_from_tensor_model_parallel_region(model(ids, positions, None)).float()  # [b, s, vocab]
     logprobs = torch.log_softmax(logits[:, :-1], dim=-1)  # the model's distribution (as trained) for positions 1..
     token_logprobs = logprobs.gather(-1, ids[:, 1:, None]).squeeze(-1)  # [b, s - 1]
     mask = scored[:, 1:]
