@@ -68,6 +68,28 @@ def test_cuda_device_arguments_mean_cpu():
     assert run_distributed(_device_arguments_mean_cpu, 1) == [[3.0, 3.0]]
 
 
+def _suspended_lifts_only_the_device_mapping():
+    from megatron_most.platform import compat_cpu
+
+    _init()
+    outside = torch.zeros(1, device="cuda").device.type
+    with compat_cpu.suspended():
+        try:
+            torch.zeros(1, device="cuda")
+            inside = "mapped"
+        except (RuntimeError, AssertionError) as err:  # this CPU build has no CUDA
+            inside = type(err).__name__
+        plain = (torch.ones(2) * 2).tolist()
+    after = torch.zeros(1, device="cuda").device.type
+    return outside, inside, plain, after
+
+
+def test_suspended_lifts_the_device_mapping_for_a_block():
+    outside, inside, plain, after = run_distributed(_suspended_lifts_only_the_device_mapping, 1)[0]
+    assert (outside, plain, after) == ("cpu", [2.0, 2.0], "cpu")
+    assert inside != "mapped"  # inside the block a CUDA device fails loudly, as the docstring says
+
+
 def _rng_tracker_forks_cpu_generator():
     from megatron.core import tensor_parallel
 

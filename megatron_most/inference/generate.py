@@ -13,6 +13,7 @@ Audio enters as the training data does: unit tokens in `ids`, or `<feat>` placeh
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import torch
@@ -20,6 +21,7 @@ from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_regi
 
 from megatron_most.inference.cache import DecodeState, decode_step
 from megatron_most.options import require
+from megatron_most.platform import compat_cpu
 
 
 @dataclasses.dataclass
@@ -139,18 +141,22 @@ def generate(
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     state = DecodeState.empty(model, len(prompts), device) if use_cache else None
     ids, valid, features = _batch(prompts, device)
-    for _ in range(max_new_tokens):
-        if use_cache:
-            logits = decode_step(model, state, ids, valid, features)[:, -1]
-        else:
-            logits = _uncached_logits(model, prompts, generated)
-        logits = logits[:, : disallowed.shape[0]].masked_fill(disallowed, float("-inf"))
-        new = choose(logits, sampling, generator)
-        for row in (~done).nonzero().view(-1).tolist():
-            generated[row].append(int(new[row]))
-        if eos_id is not None:
-            done |= new == eos_id
-        if bool(done.all()):
-            break
-        ids, valid, features = new[:, None], torch.ones(len(prompts), 1, dtype=torch.bool, device=device), None
+    # Cached decoding names no CUDA device: it runs without the CPU compatibility layer's
+    # per-call hop (platform/compat_cpu.py); Megatron's own forward (uncached) keeps it.
+    with compat_cpu.suspended() if use_cache else contextlib.nullcontext():
+        for _ in range(max_new_tokens):
+            if use_cache:
+                logits = decode_step(model, state, ids, valid, features, last_only=True)[:, -1]
+            else:
+                logits = _uncached_logits(model, prompts, generated)
+            logits = logits[:, : disallowed.shape[0]].masked_fill(disallowed, float("-inf"))
+            new = choose(logits, sampling, generator)
+            tokens = new.tolist()
+            for row in (~done).nonzero().view(-1).tolist():
+                generated[row].append(tokens[row])
+            if eos_id is not None:
+                done |= new == eos_id
+            if bool(done.all()):
+                break
+            ids, valid, features = new[:, None], torch.ones(len(prompts), 1, dtype=torch.bool, device=device), None
     return generated

@@ -216,3 +216,23 @@ def enable() -> None:
 
 def is_enabled() -> bool:
     return _enabled
+
+
+@contextlib.contextmanager
+def suspended():
+    """Lift `_CudaMeansCpu` for a block that names no CUDA device (cached decoding): every torch
+    call under the mode pays a Python `__torch_function__` hop. A CUDA device named inside the
+    block fails loudly ("Torch not compiled with CUDA enabled"). No-op where the layer is off."""
+    if not _enabled:
+        yield
+        return
+    popped = []
+    while torch._C._len_torch_function_stack():
+        popped.append(torch._C._pop_torch_function_stack())
+        if isinstance(popped[-1], _CudaMeansCpu):
+            break
+    try:
+        yield
+    finally:
+        for mode in reversed(popped):
+            torch._C._push_on_torch_function_stack(mode)
