@@ -68,12 +68,12 @@ def _load_and_run(checkpoint, prompts_ids, tp=1):
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
     from megatron_most.inference import Prompt, generate
-    from megatron_most.inference.load import load_model
+    from megatron_most.inference.load import inference_layout, load_model
     from megatron_most.inference.score import log_likelihood
-    from megatron_most.platform import ParallelLayout, initialize
+    from megatron_most.platform import initialize
 
     world = int(os.environ["WORLD_SIZE"])
-    initialize(ParallelLayout(tp=tp, ep=world // tp, sp=tp > 1), num_experts=8)
+    initialize(inference_layout(tp, world // tp), num_experts=8)
     model = load_model(checkpoint)
     tokens = generate(model, [Prompt(ids) for ids in prompts_ids], max_new_tokens=6, eos_id=None)
     items = [(ids + new, len(ids)) for ids, new in zip(prompts_ids, tokens, strict=True)]

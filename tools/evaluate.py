@@ -15,10 +15,10 @@ import argparse
 import sys
 
 from megatron_most.eval.run import TASKS, EvalOptions, evaluate
-from megatron_most.inference.load import checkpoint_config
+from megatron_most.inference.load import checkpoint_config, inference_layout
 from megatron_most.inference.run import GenerateOptions
 from megatron_most.options import ConfigError
-from megatron_most.platform import ParallelLayout, initialize, shutdown
+from megatron_most.platform import initialize, shutdown
 
 
 def parse_args(argv=None):
@@ -61,14 +61,8 @@ def main(argv=None) -> int:
     except (ConfigError, FileNotFoundError) as err:
         print(f"evaluate.py: {err}", file=sys.stderr)
         return 2
-    initialize(
-        ParallelLayout(
-            tp=args.tensor_model_parallel_size,
-            ep=args.expert_model_parallel_size,
-            sp=args.tensor_model_parallel_size > 1,  # the groups' check for MoE; inference itself runs without SP
-        ),
-        num_experts=most.mamoe.num_experts,
-    )
+    layout = inference_layout(args.tensor_model_parallel_size, args.expert_model_parallel_size)
+    initialize(layout, num_experts=most.mamoe.num_experts)
     try:
         evaluate(opts)
     finally:

@@ -15,11 +15,11 @@ import argparse
 import sys
 
 from megatron_most.inference.generate import Sampling
-from megatron_most.inference.load import checkpoint_config
+from megatron_most.inference.load import checkpoint_config, inference_layout
 from megatron_most.inference.run import GenerateOptions, read_requests, run
 from megatron_most.inference.tasks import TASKS
 from megatron_most.options import ConfigError
-from megatron_most.platform import ParallelLayout, initialize, shutdown
+from megatron_most.platform import initialize, shutdown
 
 
 def parse_args(argv=None):
@@ -62,11 +62,7 @@ def main(argv=None) -> int:
     except (ConfigError, FileNotFoundError) as err:
         print(f"generate.py: {err}", file=sys.stderr)
         return 2
-    layout = ParallelLayout(
-        tp=args.tensor_model_parallel_size,
-        ep=args.expert_model_parallel_size,
-        sp=args.tensor_model_parallel_size > 1,  # the groups' check for MoE; inference itself runs without SP
-    )
+    layout = inference_layout(args.tensor_model_parallel_size, args.expert_model_parallel_size)
     initialize(layout, num_experts=most.mamoe.num_experts)
     try:
         run(opts, requests)

@@ -40,6 +40,13 @@ def current_layout() -> ParallelLayout:
     )
 
 
+def inference_layout(tp: int = 1, ep: int = 1) -> ParallelLayout:
+    """The groups to run a checkpoint at TP x EP, every layer on every rank (PP1). Sequence
+    parallelism is on for the layout check (Megatron-Core requires it for MoE with TP); the
+    inference model itself runs without it (`load_model`): one new token cannot be split."""
+    return ParallelLayout(tp=tp, ep=ep, sp=tp > 1)
+
+
 def load_model(path, *, precision: str = "auto") -> MoSTModel:
     """The whole model on this rank's device (every layer, PP1), weights from `path`, in eval mode.
     Collective over the process's ranks."""
