@@ -18,7 +18,7 @@ import torch
 from megatron_most.eval.storycloze import score_storycloze
 from megatron_most.eval.zerospeech import score_zerospeech
 from tests.multiproc import run_distributed
-from tests.test_generate_tool import setup  # noqa: F401 - the shared module fixture
+from tests.test_generate_tool import hf_export, setup  # noqa: F401 - the shared module fixtures
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOL = ROOT / "tools" / "evaluate.py"
@@ -89,7 +89,7 @@ def test_asr_and_tts(setup, codebook, tmp_path):  # noqa: F811
 
 
 @pytest.mark.slow
-def test_spoken_lm_scores_match_direct_log_likelihoods(setup, codebook, tmp_path):  # noqa: F811
+def test_spoken_lm_scores_match_direct_log_likelihoods(setup, codebook, hf_export, tmp_path):  # noqa: F811
     audio = setup["audio"]
     direct = run_distributed(
         _unit_logprobs, 1, args=(str(setup["run"]), str(setup["hubert"]), str(codebook), audio), timeout_s=300
@@ -111,6 +111,17 @@ def test_spoken_lm_scores_match_direct_log_likelihoods(setup, codebook, tmp_path
         expected = score_zerospeech("swuggy", str(gold), value)["accuracy"]
         got = _results(out)["swuggy"]
         assert got["accuracy"] == pytest.approx(expected) and got["reduction"] == reduction
+    out = tmp_path / "swuggy_hf"  # the HF export scores the same (transformers' forward, no groups)
+    common = _common(setup, codebook)
+    common[1] = hf_export
+    done = _tool("swuggy", *common, "--data", gold, "--audio-dir", folder, "--out", out)
+    assert done.returncode == 0, done.stderr[-3000:]
+    value = {Path(p).stem: s for p, (s, n) in direct.items()}
+    per_item = [json.loads(line) for line in (out / "swuggy.items.jsonl").read_text().splitlines()]
+    assert _results(out)["swuggy"]["accuracy"] == pytest.approx(
+        score_zerospeech("swuggy", str(gold), value)["accuracy"]
+    )
+    assert per_item
     stories = tmp_path / "stories.jsonl"
     stories.write_text(json.dumps({"id": "s1", "positive": audio[0], "negative": audio[1]}) + "\n")
     out = tmp_path / "sc"

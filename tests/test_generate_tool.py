@@ -121,3 +121,36 @@ def test_tts_writes_a_wav_per_spoken_output(setup):
 def test_bad_options_exit_2_before_any_work(tmp_path):
     done = _tool("asr", "--checkpoint", tmp_path / "nothing", "--tokenizer", "x.model", "--input", "a.wav")
     assert done.returncode == 2 and "nothing" in done.stderr
+
+
+@pytest.fixture(scope="module")
+def hf_export(setup):
+    """The pretraining checkpoint exported with `convert_checkpoint.py megatron-to-hf --format most`."""
+    from megatron_most.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(setup["tokenizer"])
+    hf = setup["root"] / "hf_export"
+    if not hf.exists():
+        convert = [
+            sys.executable, str(ROOT / "tools" / "convert_checkpoint.py"), "megatron-to-hf",
+            "--megatron", str(setup["run"] / "iter_0000003"), "--out", str(hf), "--format", "most",
+            "--bos-id", str(tok.bos), "--eos-id", str(tok.eos),
+        ]  # fmt: skip
+        done = subprocess.run(convert, capture_output=True, text=True, cwd=ROOT)
+        assert done.returncode == 0, done.stderr[-3000:]
+    return hf
+
+
+@pytest.mark.slow
+def test_the_hf_export_generates_what_the_checkpoint_generates(setup, hf_export):
+    out = setup["root"] / "asr_hf.jsonl"
+    done = _tool(
+        "asr", "--checkpoint", hf_export, "--tokenizer", setup["tokenizer"], "--hubert", setup["hubert"],
+        "--layer", 2, "--input", *setup["audio"], "--out", out, "--max-new-tokens", 5, "--batch-size", 2,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    expected = run_distributed(
+        _reference, 1, args=(str(setup["run"]), str(setup["tokenizer"]), str(setup["hubert"]), setup["audio"])
+    )[0]
+    assert [r["ids"] for r in records] == expected

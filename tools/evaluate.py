@@ -15,6 +15,7 @@ import argparse
 import sys
 
 from megatron_most.eval.run import TASKS, EvalOptions, evaluate
+from megatron_most.inference.hf import is_hf_export
 from megatron_most.inference.load import checkpoint_config, inference_layout
 from megatron_most.inference.run import GenerateOptions
 from megatron_most.options import ConfigError
@@ -57,6 +58,9 @@ def main(argv=None) -> int:
             task=args.task, data=args.data, out=args.out, name=args.name, audio_dir=args.audio_dir,
             reduction=args.reduction, judge=args.judge, language=args.language, generate=generate,
         )  # fmt: skip
+        if is_hf_export(args.checkpoint):  # transformers serves it in this process: no groups
+            evaluate(opts)
+            return 0
         _, most = checkpoint_config(args.checkpoint)
     except (ConfigError, FileNotFoundError) as err:
         print(f"evaluate.py: {err}", file=sys.stderr)

@@ -8,13 +8,15 @@
 
 --input: audio files, a .txt (one text, or one audio path for asr/continue, per line) or a .jsonl
 ({"id", "text"} or {"id", "audio"} per line). The checkpoint reshards to the layout asked for here
-(any trained TP/PP/EP). Exit status 0 (every request served or recorded as failed), 2 (bad options).
+(any trained TP/PP/EP); a MoST Hugging Face export (megatron-to-hf --format most) runs through
+transformers' generate() in one process. Exit status 0 (every request served or recorded as failed), 2 (bad options).
 """
 
 import argparse
 import sys
 
 from megatron_most.inference.generate import Sampling
+from megatron_most.inference.hf import is_hf_export
 from megatron_most.inference.load import checkpoint_config, inference_layout
 from megatron_most.inference.run import GenerateOptions, read_requests, run
 from megatron_most.inference.tasks import TASKS
@@ -58,6 +60,9 @@ def main(argv=None) -> int:
             max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, sampling=sampling,
         )  # fmt: skip
         requests = read_requests(args.task, args.input)
+        if is_hf_export(args.checkpoint):  # transformers serves it in this process: no groups
+            run(opts, requests)
+            return 0
         _, most = checkpoint_config(args.checkpoint)  # before any process group: a bad path fails alone
     except (ConfigError, FileNotFoundError) as err:
         print(f"generate.py: {err}", file=sys.stderr)

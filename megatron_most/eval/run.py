@@ -32,6 +32,7 @@ from megatron_most.eval.report import write_results
 from megatron_most.eval.storycloze import score_storycloze
 from megatron_most.eval.wer import read_librispeech_transcripts, score_asr
 from megatron_most.eval.zerospeech import file_key, read_gold, score_zerospeech
+from megatron_most.inference.hf import HFExport, hf_log_likelihood, is_hf_export
 from megatron_most.inference.load import load_model
 from megatron_most.inference.run import GenerateOptions, Request, encode_audio, run
 from megatron_most.inference.score import log_likelihood
@@ -71,7 +72,8 @@ class EvalOptions:
 
 def evaluate(opts: EvalOptions, log=print) -> dict:
     """Run the task; write and return {name: result}. Collective under torchrun."""
-    model = load_model(opts.generate.checkpoint)
+    path = opts.generate.checkpoint
+    model = HFExport(path) if is_hf_export(path) else load_model(path)
     task = {"asr": _asr, "tts": _tts, "swuggy": _zerospeech, "sblimp": _zerospeech, "storycloze": _storycloze}
     result = {**task, "qa": _qa}[opts.task](opts, model, log)
     results = {opts.name or opts.task: result}
@@ -151,7 +153,11 @@ def _unit_scores(opts: EvalOptions, model, paths: list[str]) -> dict[str, tuple[
             audio[path] = Rejected(f"{len(audio[path].units)} units exceed the model's {limit} positions")
     good = [p for p in paths if not isinstance(audio[p], Rejected)]
     items = [([tokens.boa, *(int(tokens.unit(int(u))) for u in audio[p].units)], 1) for p in good]
-    scores = dict(zip(good, log_likelihood(model, items, batch_size=opts.generate.batch_size), strict=True))
+    if isinstance(model, HFExport):
+        values = hf_log_likelihood(model, items)
+    else:
+        values = log_likelihood(model, items, batch_size=opts.generate.batch_size)
+    scores = dict(zip(good, values, strict=True))
     return {p: scores[p] if p in scores else audio[p] for p in paths}
 
 

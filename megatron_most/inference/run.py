@@ -27,6 +27,7 @@ from megatron_most.audio.vocoder import load_vocoder
 from megatron_most.data.templates import AudioSegment, TemplateOptions
 from megatron_most.data.tokenizer import load_tokenizer
 from megatron_most.inference.generate import Sampling, generate
+from megatron_most.inference.hf import HFExport, is_hf_export
 from megatron_most.inference.load import load_model
 from megatron_most.inference.tasks import TASKS, build_prompt, decode
 from megatron_most.options import ConfigError, options, require
@@ -40,7 +41,8 @@ class GenerateOptions:
     task: str = "asr"
     """asr (audio -> text), tts (text -> speech), continue (audio -> more speech), chat (text or audio in)."""
     checkpoint: str = ""
-    """A pretraining save folder (its latest checkpoint) or a torch_dist checkpoint folder."""
+    """A pretraining save folder (its latest checkpoint), a torch_dist checkpoint folder, or a MoST
+    Hugging Face export (served by transformers' generate(), one process)."""
     tokenizer: str = ""
     """The text tokenizer the model was trained with (sentencepiece .model or a HF tokenizer dir)."""
     hubert: str | None = None
@@ -101,6 +103,12 @@ def read_requests(task: str, inputs: list[str]) -> list[Request]:
                     out.append(Request(f"{path.stem}-{n}", {"audio": line.strip()} if audio_task else line.strip()))
         else:
             raise ConfigError(f"--input {item}: neither an audio file, a .txt nor a .jsonl file")
+    seen = set()
+    for request in out:
+        require(
+            request.id not in seen, f"--input: id {request.id!r} twice (two files with one name?); ids must be unique"
+        )
+        seen.add(request.id)
     return out
 
 
@@ -125,7 +133,8 @@ def run(opts: GenerateOptions, requests: list[Request], log=print, *, model=None
     """Serve every request; write and return the records (collective under torchrun: call on all
     ranks). `model` (already loaded) and `audio` (path -> AudioSegment, already encoded) are optional."""
     tokenizer = load_tokenizer(opts.tokenizer)
-    model = model if model is not None else load_model(opts.checkpoint)
+    if model is None:
+        model = HFExport(opts.checkpoint) if is_hf_export(opts.checkpoint) else load_model(opts.checkpoint)
     layout = model.tokens
     if audio is None:
         audio = encode_audio(sorted({r.value["audio"] for r in requests if isinstance(r.value, dict)}), opts)
@@ -145,13 +154,11 @@ def run(opts: GenerateOptions, requests: list[Request], log=print, *, model=None
     batches = range(0, len(ready), opts.batch_size)
     for start in tqdm(batches, desc=f"{opts.task}", unit="batch", disable=not is_writer):
         chunk = ready[start : start + opts.batch_size]
-        outputs = generate(
-            model,
-            [p for _, p in chunk],
-            max_new_tokens=opts.max_new_tokens,
-            eos_id=tokenizer.eos,
-            sampling=opts.sampling,
-        )
+        prompts, settings = [p for _, p in chunk], dict(max_new_tokens=opts.max_new_tokens, eos_id=tokenizer.eos)
+        if isinstance(model, HFExport):
+            outputs = model.generate(prompts, **settings, sampling=opts.sampling)
+        else:
+            outputs = generate(model, prompts, **settings, sampling=opts.sampling)
         for (request, _), ids in zip(chunk, outputs, strict=True):
             out = decode(ids, tokenizer, layout)
             records[request.id] = {"id": request.id, "text": out.text, "units": out.units, "ids": out.ids}
