@@ -94,3 +94,28 @@ def test_device_guard_fails_a_collective_on_a_host_tensor():
     with pytest.raises(DistributedTestError, match="all_reduce got a tensor created without device="):
         run_distributed(_reduce_host_tensor, 2, args=(False,), timeout_s=120)
     assert run_distributed(_reduce_host_tensor, 2, args=(True,), timeout_s=120) == [1.0, 1.0]
+
+
+def _ranks_after_rendezvous():
+    from megatron_most.platform import ParallelLayout, initialize
+
+    initialize(ParallelLayout())
+    import torch
+
+    return torch.distributed.get_rank()
+
+
+def test_a_rendezvous_port_taken_meanwhile_is_retried(monkeypatch):
+    """Another process takes the chosen free port before rank 0 listens (parallel test workers):
+    the spawn is retried on a new port instead of failing."""
+    import socket
+
+    from megatron_most.platform import spawn
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken, real = [busy.getsockname()[1]], spawn._free_port
+        monkeypatch.setattr(spawn, "_free_port", lambda: taken.pop() if taken else real())
+        assert spawn.run_ranks(_ranks_after_rendezvous, 2, timeout_s=300) == [0, 1]
+        assert not taken  # the taken port was tried first

@@ -90,10 +90,25 @@ def _others(procs, done, failed=None) -> str:
     return ", ".join(states) or "no other rank outstanding"
 
 
+PORT_ATTEMPTS = 3
+"""Spawns tried when the rendezvous port was taken between choosing it and binding it."""
+
+
 def run_ranks(body, world_size: int, args=(), kwargs=None, timeout_s: float = 600.0, threads: int = 1) -> list:
+    for attempt in range(PORT_ATTEMPTS):
+        try:
+            return _spawn(body, world_size, args, kwargs, timeout_s, threads, _free_port())
+        except RankError as err:
+            # Another process (a parallel test worker) can take the free port before rank 0
+            # listens on it: the rendezvous fails before the body ran anything distributed.
+            if "EADDRINUSE" not in str(err) or attempt == PORT_ATTEMPTS - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _spawn(body, world_size: int, args, kwargs, timeout_s: float, threads: int, port: int) -> list:
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = _free_port()
     procs = [
         ctx.Process(target=_rank_main, args=(body, args, kwargs or {}, rank, world_size, port, threads, results))
         for rank in range(world_size)
