@@ -23,6 +23,17 @@ from megatron_most.model.fields import FIELDS, HF_CONSTANTS, KEEP, REQUIRED, Con
 from megatron_most.options import ConfigError
 
 
+def check_convertible(most: MoSTConfig) -> None:
+    """ConfigError for an architecture the DeepSeek-V2 conversion has no tensors or keys for:
+    a query LoRA (MoSTConfig.q_lora_rank; HF q_a_proj / q_a_layernorm / q_b_proj have no rows in
+    convert.mapping, and writing q_lora_rank null would describe another model)."""
+    if most.q_lora_rank is not None:
+        raise ConfigError(
+            f"MoSTConfig.q_lora_rank={most.q_lora_rank}: checkpoint conversion supports MLA without query LoRA "
+            "only (q_lora_rank=None, as DeepSeek-V2-Lite); convert a model without it"
+        )
+
+
 def _rope_params(config: dict) -> dict:
     """The YaRN parameters of either form, rope_theta included."""
     params = config.get("rope_parameters") or config.get("rope_scaling")
@@ -138,6 +149,7 @@ def hf_config_fields(most: MoSTConfig, *, rope: str = "parameters", **overrides)
     remote-code config and the test reference."""
     if rope not in ("parameters", "scaling"):
         raise ValueError(f"rope={rope!r}: choose 'parameters' or 'scaling'")
+    check_convertible(most)
     mamoe = most.mamoe
     shared = mamoe.shared_expert_size if mamoe.has_shared_experts else 0
     if shared % most.moe_ffn_size:
@@ -160,4 +172,4 @@ def hf_config_fields(most: MoSTConfig, *, rope: str = "parameters", **overrides)
     return fields
 
 
-__all__ = ["MOST_EXTRAS", "config_from_hf", "hf_config_fields", "most_extras"]
+__all__ = ["MOST_EXTRAS", "check_convertible", "config_from_hf", "hf_config_fields", "most_extras"]

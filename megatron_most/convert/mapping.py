@@ -28,6 +28,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from megatron_most.convert.hf_config import check_convertible
 from megatron_most.model.config import MoSTConfig
 
 
@@ -168,7 +169,9 @@ def _layers(most: MoSTConfig, where: str) -> list[int | None]:
 
 
 def items(most: MoSTConfig) -> Iterator[Item]:
-    """Every MoSTModel tensor (TP=PP=EP=1 state-dict key) for `most`, with its rule."""
+    """Every MoSTModel tensor (TP=PP=EP=1 state-dict key) for `most`, with its rule
+    (ConfigError for an architecture the table does not cover: hf_config.check_convertible)."""
+    check_convertible(most)
     for rule in RULES:
         for layer in _layers(most, rule.where):
             experts = range(most.mamoe.num_experts) if "{expert}" in rule.megatron else [None]

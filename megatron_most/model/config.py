@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from megatron.core.transformer import MLATransformerConfig
 
 from megatron_most.model.fields import megatron_fields
+from megatron_most.model.scaling import FAMILY, family_fields
 from megatron_most.model.vocab import TokenLayout, check_vocab
 from megatron_most.moe.config import MAMoEConfig
 from megatron_most.options import options, require
@@ -27,6 +28,10 @@ class MoSTConfig:
     """Attention heads."""
     text_vocab_size: int = 102400
     """Base tokenizer's vocabulary (audio markers and units are appended after it)."""
+    q_lora_rank: int | None = None
+    """MLA: width of the compressed query latent (query LoRA: q_down -> norm -> q_up, as
+    DeepSeek-V2/V3's 1536); None = one full query projection (DeepSeek-V2-Lite). Checkpoint
+    conversion supports None only (convert.mapping refuses a query LoRA)."""
     kv_lora_rank: int = 512
     """MLA: width of the compressed key/value latent."""
     qk_nope_head_dim: int = 128
@@ -79,6 +84,10 @@ class MoSTConfig:
             0 <= self.first_k_dense <= self.num_layers,
             f"MoSTConfig.first_k_dense={self.first_k_dense}: must be within 0..num_layers={self.num_layers}",
         )
+        require(
+            self.q_lora_rank is None or self.q_lora_rank >= 1,
+            f"MoSTConfig.q_lora_rank={self.q_lora_rank}: must be None (no query LoRA) or >= 1",
+        )
         require(self.audio_feature_dim >= 0, f"MoSTConfig.audio_feature_dim={self.audio_feature_dim}: must be >= 0")
         require(
             self.seq_length <= self.max_position_embeddings,
@@ -93,9 +102,9 @@ class MoSTConfig:
         return dataclasses.replace(self, **changes)
 
     SHAPE_FIELDS = (
-        "num_layers", "hidden_size", "num_attention_heads", "text_vocab_size", "kv_lora_rank", "qk_nope_head_dim",
-        "qk_rope_head_dim", "v_head_dim", "first_k_dense", "dense_ffn_size", "moe_ffn_size", "num_units",
-        "audio_feature_dim",
+        "num_layers", "hidden_size", "num_attention_heads", "text_vocab_size", "q_lora_rank", "kv_lora_rank",
+        "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "first_k_dense", "dense_ffn_size", "moe_ffn_size",
+        "num_units", "audio_feature_dim",
     )  # fmt: skip
     """Fields that set a tensor's shape (the rest change behaviour: a checkpoint still loads)."""
 
@@ -125,7 +134,6 @@ class MoSTConfig:
         layout = layout or ParallelLayout()
         fields = dict(
             **megatron_fields(self),  # the correspondences of model.fields.FIELDS
-            q_lora_rank=None,
             qk_layernorm=True,  # the local MLA spec drops kv_a_layernorm without it
             rope_type="yarn",
             rotary_interleaved=False,
@@ -195,8 +203,58 @@ def deepseek_v2_lite_most() -> MoSTConfig:
 
 def deepseek_v2_lite() -> MoSTConfig:
     """The text-only base model: vanilla MoE routing, no audio paths."""
-    base = MoSTConfig()
-    return base.replace(num_units=0, audio_feature_dim=0, mamoe=dataclasses.replace(base.mamoe, variant="vanilla"))
+    return _text_only(MoSTConfig())
+
+
+def deepseek_v2_most() -> MoSTConfig:
+    """DeepSeek-V2 (236B total, 21B active) + MAMoE (text experts 0..79, audio 80..159) + 500 units
+    + 768-d features: 60 layers of width 5120, 128 MLA heads with query LoRA 1536, one dense layer
+    (12288), 160 routed experts (1536 wide, top-6) and 2 shared. DeepSeek-V2's device-limited
+    routing (n_group 8, topk_group 3) and routed_scaling_factor 16 are routing details MAMoE does
+    not model; they change neither sizes nor FLOPs (the planner's concern)."""
+    return MoSTConfig(
+        num_layers=60,
+        hidden_size=5120,
+        num_attention_heads=128,
+        q_lora_rank=1536,
+        first_k_dense=1,
+        dense_ffn_size=12288,
+        moe_ffn_size=1536,
+        mamoe=MAMoEConfig(num_experts=160, topk=6, shared_expert_size=2 * 1536, balance_coeff=0.003),
+    )
+
+
+def deepseek_v2() -> MoSTConfig:
+    """The text-only DeepSeek-V2 shape: vanilla MoE routing, no audio paths."""
+    return _text_only(deepseek_v2_most())
+
+
+def deepseek_v3_text() -> MoSTConfig:
+    """DeepSeek-V3's shape (671B total, 37B active; text only, vanilla softmax routing): 61 layers
+    of width 7168, 128 MLA heads, q-LoRA 1536, 3 dense layers (18432), 256 routed experts (2048,
+    top-8) and 1 shared. For the planner's check against Megatron's published throughput; V3's
+    sigmoid router, multi-token prediction and FP8 recipe are not modelled."""
+    base = MoSTConfig(
+        num_layers=61,
+        hidden_size=7168,
+        num_attention_heads=128,
+        q_lora_rank=1536,
+        text_vocab_size=129280,
+        first_k_dense=3,
+        dense_ffn_size=18432,
+        moe_ffn_size=2048,
+        mamoe=MAMoEConfig(num_experts=256, topk=8, shared_expert_size=2048),
+    )
+    return _text_only(base)
+
+
+def _text_only(most: MoSTConfig) -> MoSTConfig:
+    return most.replace(num_units=0, audio_feature_dim=0, mamoe=dataclasses.replace(most.mamoe, variant="vanilla"))
+
+
+def scaled(width: int, depth: int, experts: int, text_share: float = 0.5, topk: int = 6) -> MoSTConfig:
+    """A member of the MoST scaling family (model/scaling.py: the rules)."""
+    return MoSTConfig(**family_fields(width, depth, experts, text_share, topk))
 
 
 def tiny() -> MoSTConfig:
@@ -229,7 +287,7 @@ def small() -> MoSTConfig:
         num_layers=4,
         hidden_size=128,
         num_attention_heads=4,
-        text_vocab_size=256,
+        text_vocab_size=320,
         kv_lora_rank=32,
         qk_nope_head_dim=32,
         qk_rope_head_dim=16,
@@ -251,7 +309,12 @@ PRESETS = {
     "deepseek_v2_lite": deepseek_v2_lite,
     "tiny": tiny,
     "small": small,
+    "deepseek_v2_most": deepseek_v2_most,
+    "deepseek_v2": deepseek_v2,
+    "deepseek_v3_text": deepseek_v3_text,
+    **{f"most_{name}": (lambda point=point: scaled(*point)) for name, point in FAMILY.items()},
 }
+"""Named architectures; `most_xs` .. `most_xxl` are the scaling family's points (model/scaling.py)."""
 
 
 def preset(name: str) -> MoSTConfig:

@@ -29,6 +29,7 @@ import re
 import sys
 
 from megatron_most.model.config import MoSTConfig, read_config
+from megatron_most.model.flops import active_params, attention_flops_per_token, matmul_params
 from megatron_most.model.layout import check_layout, default_world_size, stage_layers
 from megatron_most.model.most import build_meta_model, single_rank_groups
 from megatron_most.options import require
@@ -121,7 +122,19 @@ class ParameterCounts:
 
 
 def count_parameters(most: MoSTConfig) -> ParameterCounts:
-    """Count the parameters of the real MoSTModel for `most`, built on the meta device."""
+    """Count the parameters of the real MoSTModel for `most`, built on the meta device.
+
+    Every dense layer holds the same parameters, as does every MoE layer, so the model is built
+    with one layer of each kind and their counts repeated over the `num_layers`: exact, and
+    seconds instead of minutes for the 671B shape."""
+    dense = min(most.first_k_dense, 1)
+    built = most.replace(num_layers=dense + min(most.num_layers - most.first_k_dense, 1), first_k_dense=dense)
+    counts = _count_built(built)
+    layers = tuple(counts.layers[0 if i < most.first_k_dense else dense] for i in range(most.num_layers))
+    return dataclasses.replace(counts, layers=layers)
+
+
+def _count_built(most: MoSTConfig) -> ParameterCounts:
     with single_rank_groups(most):
         model = build_meta_model(most)
         layers: list[dict] = [{} for _ in range(most.num_layers)]
@@ -310,13 +323,14 @@ def estimate(
     categories = counts.by_category
     total = sum(categories.values())
     mamoe = most.mamoe
-    routed = categories["routed_experts"]
-    active_routed = routed * mamoe.topk // mamoe.num_experts
-    require(routed * mamoe.topk % mamoe.num_experts == 0 or routed == 0, "estimate: routed experts of unequal size")
-    active = total - categories["embedding"] - routed + active_routed
-    matmul_params = active - categories["norms"] - categories["audio_projection"]
+    require(
+        categories["routed_experts"] * mamoe.topk % mamoe.num_experts == 0, "estimate: routed experts of unequal size"
+    )
+    active = active_params(categories, mamoe.topk, mamoe.num_experts)
+    matmul = matmul_params(categories, mamoe.topk, mamoe.num_experts)
     qk_dim = most.qk_nope_head_dim + most.qk_rope_head_dim
-    attention_flops = 6 * most.num_layers * most.num_attention_heads * (qk_dim + most.v_head_dim) * seq_len
+    heads, layers = most.num_attention_heads, most.num_layers
+    attention_flops = attention_flops_per_token(layers, heads, qk_dim, most.v_head_dim, seq_len)
 
     stages = []
     for rank, (start, end) in enumerate(spans):
@@ -368,7 +382,7 @@ def estimate(
         total=total,
         active=active,
         stages=tuple(stages),
-        matmul_flops_per_token=6 * matmul_params,
+        matmul_flops_per_token=6 * matmul,
         attention_flops_per_token=attention_flops,
         notes=tuple(notes),
     )

@@ -65,6 +65,8 @@ FIELDS = (
     Field("hidden_size", "hidden_size", "hidden_size"),
     Field("num_attention_heads", "num_attention_heads", "num_attention_heads"),
     Field("text_vocab_size", "vocab_size", None),
+    # Query LoRA: config.json's q_lora_rank is an HF_CONSTANTS row (conversion supports None only).
+    Field("q_lora_rank", None, "q_lora_rank"),
     Field("kv_lora_rank", "kv_lora_rank", "kv_lora_rank"),
     Field("qk_nope_head_dim", "qk_nope_head_dim", "qk_head_dim"),
     Field("qk_rope_head_dim", "qk_rope_head_dim", "qk_pos_emb_head_dim"),
@@ -103,7 +105,12 @@ class Constant:
 
 
 HF_CONSTANTS = (
-    Constant("q_lora_rank", None, "MoST's MLA has no query LoRA (DeepSeek-V2-Lite: null)"),
+    Constant(
+        "q_lora_rank",
+        None,
+        "checkpoint conversion supports MLA without query LoRA only (DeepSeek-V2-Lite: null); "
+        "MoSTConfig.q_lora_rank models (DeepSeek-V2) train and plan, but do not convert",
+    ),
     Constant("topk_method", "greedy", "only 'greedy' is supported"),
     Constant("norm_topk_prob", False, "MAMoE does not renormalise top-k weights"),
     Constant("routed_scaling_factor", 1.0, "only 1.0 is supported"),
