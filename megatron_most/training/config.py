@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import yaml
 
-from megatron_most.model.config import MoSTConfig, preset
+from megatron_most.model.config import CONFIG_NAME, MoSTConfig, preset, read_config
 from megatron_most.moe.config import MAMoEConfig
 from megatron_most.options import ConfigError, options, require
 from megatron_most.platform.layout import ParallelLayout
@@ -35,6 +35,10 @@ class TrainConfig:
     # ---------------------------------------------------------------- model and layout
     preset: str = "tiny"
     """MoST preset: deepseek_v2_lite_most | deepseek_v2_lite | tiny (model/config.py)."""
+    most_config: str | None = None
+    """A most_config.json (the MoSTConfig saved next to every checkpoint), or its directory, to train
+    instead of --preset: e.g. a scaling-sweep size written by tools/sweep.py; --seq-length and the
+    MAMoE flags still apply on top of it."""
     seq_length: int | None = None
     """Sequence length of the packed training items; None = the preset's."""
     tensor_model_parallel_size: int = 1
@@ -125,6 +129,17 @@ class TrainConfig:
     """A separate blend for validation."""
     num_workers: int = 2
     """Data-loader worker processes per rank."""
+    spec_augment_time_masks: int = 0
+    """SpecAugment on the continuous audio features of training items (not Megatron-LM's): time
+    masks per utterance; 0 with spec_augment_freq_masks 0 = off."""
+    spec_augment_time_width: int = 5
+    """Longest time mask in feature frames (capped at a fifth of the utterance)."""
+    spec_augment_freq_masks: int = 0
+    """Frequency masks per utterance."""
+    spec_augment_freq_width: int = 10
+    """Widest frequency mask in channels of one stacked frame (log-mel bins)."""
+    spec_augment_groups: int = 1
+    """Frames stacked per feature vector: 4 for the logmel encoder (4 x 80 bins), 1 for HuBERT."""
 
     # ---------------------------------------------------------------- checkpoints and exit
     save: str | None = None
@@ -212,7 +227,7 @@ class TrainConfig:
         sp = self.tensor_model_parallel_size > 1 if self.sequence_parallel is None else self.sequence_parallel
         vpp = None
         if self.num_layers_per_virtual_pipeline_stage is not None:
-            per_rank = preset(self.preset).num_layers // self.pipeline_model_parallel_size
+            per_rank = self._base_model().num_layers // self.pipeline_model_parallel_size
             vpp = max(1, per_rank // self.num_layers_per_virtual_pipeline_stage)
         return ParallelLayout(
             vpp=vpp,
@@ -228,8 +243,8 @@ class TrainConfig:
         return "auto" if self.bf16 is None else ("bf16" if self.bf16 else "fp32")
 
     def model_config(self) -> MoSTConfig:
-        """The preset with this run's sequence length and MAMoE overrides."""
-        most = preset(self.preset)
+        """The preset (or --most-config) with this run's sequence length and MAMoE overrides."""
+        most = self._base_model()
         changes = {
             field: getattr(self, name)
             for name, field in (
@@ -244,6 +259,15 @@ class TrainConfig:
         }
         mamoe: MAMoEConfig = dataclasses.replace(most.mamoe, **changes)
         return most.replace(mamoe=mamoe, seq_length=self.seq_length or most.seq_length)
+
+    def _base_model(self) -> MoSTConfig:
+        if self.most_config is None:
+            return preset(self.preset)
+        path = Path(self.most_config)
+        try:  # read_config takes the directory holding most_config.json
+            return read_config(path.parent if path.name == CONFIG_NAME else path)
+        except FileNotFoundError as e:
+            raise ConfigError(f"--most-config {self.most_config}: {e}") from e
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
