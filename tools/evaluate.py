@@ -33,7 +33,13 @@ def parse_args(argv=None):
     p.add_argument("--audio-dir", help="ZeroSpeech audio folder (default: beside gold.csv)")
     p.add_argument("--reduction", choices=("sum", "mean"), default="sum", help="spoken-LM score")
     p.add_argument("--judge", help="TTS: transformers ASR directory (Whisper or CTC)")
-    p.add_argument("--hubert", help="HubertModel directory")
+    p.add_argument(
+        "--audio-encoder",
+        "--hubert",
+        dest="hubert",
+        help="audio encoder: a transformers HubertModel directory (real runs: mHuBERT) or 'logmel' "
+        "(80-bin log-mel, per-utterance normalised, stacked to 25 Hz: 320-d; no weights)",
+    )
     p.add_argument("--layer", type=int, help="HuBERT hidden_states index")
     p.add_argument("--units", help="unit codebook")
     p.add_argument("--mode", choices=("features", "units"), default="features", help="how prompt audio enters")

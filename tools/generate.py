@@ -31,7 +31,13 @@ def parse_args(argv=None):
     p.add_argument("--tokenizer", required=True, help="the model's text tokenizer (.model or HF dir)")
     p.add_argument("--input", nargs="+", required=True, help="audio files, a .txt or a .jsonl")
     p.add_argument("--out", default="generations.jsonl", help="output JSONL (wavs in a folder named after it)")
-    p.add_argument("--hubert", help="HubertModel directory (audio inputs)")
+    p.add_argument(
+        "--audio-encoder",
+        "--hubert",
+        dest="hubert",
+        help="audio encoder: a transformers HubertModel directory (real runs: mHuBERT) or 'logmel' "
+        "(80-bin log-mel, per-utterance normalised, stacked to 25 Hz: 320-d; no weights)",
+    )
     p.add_argument("--layer", type=int, help="HuBERT hidden_states index")
     p.add_argument("--units", help="unit codebook (units mode, speech continuation)")
     p.add_argument("--mode", choices=("features", "units"), default="features", help="how prompt audio enters")

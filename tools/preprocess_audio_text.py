@@ -40,7 +40,13 @@ def parse_args(argv=None):
         choices=("units", "features"),
         help="units: audio as unit tokens; features: prompt audio as stored HuBERT features",
     )
-    p.add_argument("--hubert", default=None, help="transformers HubertModel directory (all tasks but lm)")
+    p.add_argument(
+        "--audio-encoder",
+        "--hubert",
+        dest="hubert",
+        help="audio encoder: a transformers HubertModel directory (real runs: mHuBERT) or 'logmel' "
+        "(80-bin log-mel, per-utterance normalised, stacked to 25 Hz: 320-d; no weights)",
+    )
     p.add_argument(
         "--layer",
         type=int,

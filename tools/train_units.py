@@ -17,6 +17,7 @@ import argparse
 import json
 import sys
 
+from megatron_most.audio.logmel import is_logmel
 from megatron_most.data.unit_training import UnitTrainingOptions, train_units
 from megatron_most.options import ConfigError
 
@@ -24,8 +25,17 @@ from megatron_most.options import ConfigError
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--input", nargs="+", required=True, metavar="MANIFEST", help="speech JSONL manifests")
-    p.add_argument("--hubert", required=True, help="transformers HubertModel directory")
-    p.add_argument("--layer", type=int, default=11, help="hidden_states index to cluster (MoST: 11)")
+    p.add_argument(
+        "--audio-encoder",
+        "--hubert",
+        dest="hubert",
+        required=True,
+        help="audio encoder: a transformers HubertModel directory (real runs: mHuBERT) or 'logmel' "
+        "(80-bin log-mel, per-utterance normalised, stacked to 25 Hz: 320-d; no weights)",
+    )
+    p.add_argument(
+        "--layer", type=int, default=None, help="hidden_states index to cluster (default: 11, MoST's; logmel: 0)"
+    )
     p.add_argument("--k", type=int, default=500, help="number of units (centroids)")
     p.add_argument("--max-hours", type=float, default=None, help="audio used for the fit (default: all)")
     p.add_argument("--seed", type=int, default=0, help="utterance shuffle and k-means seed")
@@ -52,7 +62,7 @@ def main(argv=None) -> int:
                 inputs=tuple(args.input),
                 hubert=args.hubert,
                 output=args.output,
-                layer=args.layer,
+                layer=args.layer if args.layer is not None else 0 if is_logmel(args.hubert) else 11,
                 k=args.k,
                 max_hours=args.max_hours,
                 seed=args.seed,

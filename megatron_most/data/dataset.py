@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import zlib
 
 import numpy as np
 import torch
@@ -34,6 +35,7 @@ from megatron.core.datasets.megatron_dataset import MegatronDataset
 from megatron.core.datasets.utils import Split
 from megatron.core.utils import log_single_rank
 
+from megatron_most.audio.augment import SpecAugment, spec_augment
 from megatron_most.data.indexed import (
     FEATURE_DTYPE,
     FEATURE_STORAGE,
@@ -70,6 +72,10 @@ class AudioTextDatasetConfig(BlendedMegatronDatasetConfig):
     restart at every packed sample (model/packing.py). For models that take only a dense mask."""
     pack: bool = True
     """Pack several samples per sequence; False = one sample per sequence, the rest padding."""
+    spec_augment: SpecAugment | None = None
+    """Mask the continuous features of the train split (audio/augment.py), seeded per item so a
+    resumed run masks as an uninterrupted one; valid/test items are never masked. It changes no
+    index, so it is not among the cache-key attributes."""
 
     def __post_init__(self) -> None:
         check_vocab(self.text_vocab_size, self.num_units)
@@ -301,7 +307,14 @@ class AudioTextDataset(MegatronDataset):
         }
         if self._causal is not None:
             item["attention_mask"] = torch.from_numpy(self._attention_mask(starts))
-        item["audio_features"], item["audio_lengths"] = self._audio(ids, tokens, buf[:n])
+        features, lengths = self._audio(ids, tokens, buf[:n])
+        augment = self.config.spec_augment
+        if augment is not None and augment.active and self.index_split == Split.train and len(lengths):
+            rng = np.random.default_rng(
+                [self.config.random_seed, zlib.crc32(os.path.basename(self.dataset.prefix).encode()), idx]
+            )
+            features = torch.from_numpy(spec_augment(features.numpy(), lengths.numpy(), augment, rng))
+        item["audio_features"], item["audio_lengths"] = features, lengths
         return item
 
     def _attention_mask(self, starts: np.ndarray) -> np.ndarray:

@@ -15,6 +15,8 @@ from typing import Any
 
 from transformers import HubertConfig
 
+from megatron_most.audio.encoder import logmel_fingerprint
+from megatron_most.audio.logmel import LogMelEncoder, is_logmel
 from megatron_most.audio.units import UnitCodebook
 from megatron_most.data import indexed
 from megatron_most.data.templates import MODES, TASKS, TemplateOptions
@@ -118,7 +120,7 @@ class PreprocessOptions:
             require(
                 self.hubert is not None,
                 f"hubert=None with task={self.task!r}, mode={self.mode!r}: pass "
-                "--hubert DIR (a transformers HubertModel directory)"
+                "--audio-encoder DIR (a transformers HubertModel directory) or --audio-encoder logmel"
                 + ("; text-only instruct data packs in mode 'units' without it" if self.task == "instruct" else ""),
             )
         needs_units = (
@@ -224,8 +226,8 @@ def make_plan(opts: PreprocessOptions, log=print) -> Plan:
         units_layer=units_layer,
         tokenizer=str(Path(opts.tokenizer).resolve()),
         tokenizer_sha256=_sha256(opts.tokenizer, TOKENIZER_FILES + ("*.model",)),
-        hubert=str(Path(opts.hubert).resolve()) if opts.hubert else None,
-        hubert_sha256=_sha256(opts.hubert, HUBERT_FILES + HUBERT_WEIGHTS) if opts.hubert else None,
+        hubert=_encoder_name(opts.hubert),
+        hubert_sha256=_encoder_sha256(opts.hubert),
         codebook=str(Path(opts.units).resolve()) if opts.units else None,
         codebook_sha256=_sha256(opts.units) if opts.units else None,
         inputs=tuple((str(Path(p).resolve()), Path(p).stat().st_size, Path(p).stat().st_mtime_ns) for p in opts.inputs),
@@ -236,8 +238,22 @@ def make_plan(opts: PreprocessOptions, log=print) -> Plan:
     )
 
 
+def _encoder_name(spec: str | None) -> str | None:
+    return None if spec is None else spec if is_logmel(spec) else str(Path(spec).resolve())
+
+
+def _encoder_sha256(spec: str | None) -> str | None:
+    if spec is None:
+        return None
+    return logmel_fingerprint() if is_logmel(spec) else _sha256(spec, HUBERT_FILES + HUBERT_WEIGHTS)
+
+
 def hubert_shape(path: str) -> tuple[int, int]:
-    """(transformer layers, hidden size) of the HubertModel directory at `path`; ConfigError if it is not one."""
+    """(transformer layers, hidden size) of the audio encoder `path` (a HubertModel directory or
+    "logmel"); ConfigError if it is neither."""
+    if is_logmel(path):
+        encoder = LogMelEncoder()
+        return encoder.depth, encoder.feature_dim
     directory = Path(path)
     require(
         directory.is_dir() and (directory / "config.json").is_file(),

@@ -19,7 +19,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from megatron_most.audio.hubert import HubertEncoder
+from megatron_most.audio.encoder import load_encoder
 from megatron_most.audio.loading import AudioLoader, AudioOptions
 from megatron_most.data import indexed
 from megatron_most.data.manifest import read_manifest
@@ -109,7 +109,7 @@ class ShardWorker:
         depth = hubert_shape(opts.hubert)[0]
         # layer None for the last one: no output_hidden_states, so no copies of every layer's activations
         self.encoders = {
-            layer: HubertEncoder(
+            layer: load_encoder(
                 opts.hubert,
                 layer=None if layer == depth else layer,
                 device=device,

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import torch
 
-from megatron_most.audio.hubert import HubertEncoder
+from megatron_most.audio.encoder import load_encoder
 from megatron_most.audio.loading import AudioLoader, AudioOptions
+from megatron_most.audio.logmel import is_logmel
 from megatron_most.audio.units import fit_codebook
 from megatron_most.data.manifest import read_manifest
 from megatron_most.options import ConfigError, options
@@ -32,11 +33,11 @@ class UnitTrainingOptions:
     inputs: tuple[str, ...]
     """Speech JSONL manifests."""
     hubert: str
-    """transformers HubertModel directory."""
+    """Audio encoder: a transformers HubertModel directory or "logmel" (audio/logmel.py)."""
     output: str
     """Codebook file (.safetensors)."""
-    layer: int = 11
-    """hidden_states index to cluster (MoST: 11)."""
+    layer: int | None = 11
+    """hidden_states index to cluster (MoST: 11); the logmel encoder has only 0 (None means 0)."""
     k: int = 500
     """Number of units (centroids)."""
     max_hours: float | None = None
@@ -64,10 +65,10 @@ class UnitTrainingOptions:
                 f"--max-frames={self.max_frames}: must be >= --k={self.k} (k-means needs a frame per "
                 "centroid); e.g. 2000000"
             )
-        if not (Path(self.hubert) / "config.json").is_file():
+        if not is_logmel(self.hubert) and not (Path(self.hubert) / "config.json").is_file():
             raise ConfigError(
                 f"--hubert={self.hubert!r}: no config.json there; pass a transformers HubertModel "
-                "directory (save_pretrained output)"
+                "directory (save_pretrained output) or 'logmel'"
             )
 
 
@@ -78,7 +79,7 @@ def train_units(opts: UnitTrainingOptions) -> dict:
     paths = _audio_paths(opts, rejects)
 
     # fp32 as in preprocessing: units are assigned on fp32-computed features, so fit on those too
-    encoder = HubertEncoder(opts.hubert, layer=opts.layer, device=device, dtype=torch.float32)
+    encoder = load_encoder(opts.hubert, layer=opts.layer, device=device, dtype=torch.float32)
     # reject clips shorter than the encoder's receptive field per file; the encoder would fail the batch
     loader = AudioLoader(
         AudioOptions(batch_size=opts.audio_batch, device=opts.device, min_samples=max(400, encoder.min_samples))

@@ -34,10 +34,15 @@ DETAIL_KEYS = ("items",)
 """Per-item lists written to their own JSONL file instead of results.json."""
 
 
+NOT_PERCENT = ("perplexity",)
+"""Metrics reported as they are; every other metric is a fraction shown in percent."""
+
+
 def headline(result: Mapping) -> float | None:
-    """The result's main number in percent (WER or accuracy), None when nothing was scored."""
-    value = result.get(result.get("metric", ""))
-    return None if value is None else 100.0 * value
+    """The result's main number (WER or accuracy in percent, perplexity as is), None when nothing was scored."""
+    metric = result.get("metric", "")
+    value = result.get(metric)
+    return None if value is None else value if metric in NOT_PERCENT else 100.0 * value
 
 
 def _notes(result: Mapping) -> str:
@@ -59,18 +64,18 @@ def _cell(value: float | None) -> str:
 
 
 def markdown_table(results: Mapping[str, Mapping]) -> str:
-    """One row per task: ours and MoST's published number in percent, items scored and failed.
+    """One row per task: ours and MoST's published number (percent; perplexity as is), items scored and failed.
 
     Paper tasks come first in the paper's order, then any other task in the given order."""
     lines = [
-        "| Task | Metric | Ours (%) | MoST paper (%) | Scored | Failed | Notes | Others in the paper |",
+        "| Task | Metric | Ours | MoST paper | Scored | Failed | Notes | Others in the paper |",
         "|---|---|---:|---:|---:|---:|---|---|",
     ]
     order = [t for t in PAPER if t in results] + [t for t in results if t not in PAPER]
     for task in order:
         result = results[task]
         label, paper, others = PAPER.get(task, (task, None, ""))
-        metric = "WER" if result.get("metric") == "wer" else "accuracy"
+        metric = {"wer": "WER", "perplexity": "perplexity"}.get(result.get("metric"), "accuracy")
         scored = result.get("n_scored")
         lines.append(
             f"| {label} | {metric} | {_cell(headline(result))} | {_cell(paper)} | {scored if scored is not None else '—'} "

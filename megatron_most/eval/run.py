@@ -7,6 +7,7 @@
     sblimp      the same for sBLIMP
     storycloze  JSONL {"id", "positive": audio, "negative": audio} -> accuracy (spoken or topic)
     qa          JSONL {"id", "question" or "audio", "answers"} -> containment accuracy
+    text        JSONL {"id", "text"} -> perplexity of the text tokens (the lm template's <bos>..<eos>)
 
 Spoken-LM scores are the log-likelihood of the audio's units between <boa> and <eoa> (summed,
 or per unit with `reduction="mean"`; the results say which). Results go to OUT/results.json,
@@ -24,9 +25,11 @@ import numpy as np
 import torch
 
 from megatron_most.audio.vocoder import load_vocoder
-from megatron_most.data.manifest import read_manifest
-from megatron_most.data.templates import AudioSegment
+from megatron_most.data.manifest import TextSample, read_manifest
+from megatron_most.data.templates import AudioSegment, TemplateOptions, render
+from megatron_most.data.tokenizer import load_tokenizer
 from megatron_most.eval.judge import load_judge
+from megatron_most.eval.perplexity import score_perplexity, score_units
 from megatron_most.eval.qa import score_qa
 from megatron_most.eval.report import write_results
 from megatron_most.eval.storycloze import score_storycloze
@@ -39,7 +42,7 @@ from megatron_most.inference.score import log_likelihood
 from megatron_most.options import ConfigError, options, require
 from megatron_most.rejects import Rejected
 
-TASKS = ("asr", "tts", "swuggy", "sblimp", "storycloze", "qa")
+TASKS = ("asr", "tts", "swuggy", "sblimp", "storycloze", "qa", "text")
 
 
 @options
@@ -75,7 +78,7 @@ def evaluate(opts: EvalOptions, log=print) -> dict:
     path = opts.generate.checkpoint
     model = HFExport(path) if is_hf_export(path) else load_model(path)
     task = {"asr": _asr, "tts": _tts, "swuggy": _zerospeech, "sblimp": _zerospeech, "storycloze": _storycloze}
-    result = {**task, "qa": _qa}[opts.task](opts, model, log)
+    result = {**task, "qa": _qa, "text": _text}[opts.task](opts, model, log)
     results = {opts.name or opts.task: result}
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
         paths = write_results(results, opts.out)
@@ -135,12 +138,30 @@ def _tts(opts: EvalOptions, model, log) -> dict:
             ]
         hypotheses |= dict(zip(units, judge.transcribe(waves), strict=True))
     else:  # the model's own ASR on its units (prompt audio in units mode)
-        segments = {i: AudioSegment(units=np.asarray(u)) for i, u in units.items()}
-        back = run(_sub(opts, "asr", "tts_asr", mode="units"), [Request(i, {"audio": i}) for i in units], log,
-                   model=model, audio=segments)  # fmt: skip
-        hypotheses |= _hypotheses(back)
+        hypotheses |= _units_asr(opts, model, units, "tts_asr", log)
     result = score_asr({i: t for i, _, t in rows}, hypotheses, language=opts.language, failures=failures)
-    return result | {"judge": opts.judge or "the model's own ASR on its units"}
+    result["judge"] = opts.judge or "the model's own ASR on its units"
+    if opts.generate.units:  # the spoken references' own units: how close, and what the judge makes of them
+        reference = encode_audio([a for _, a, _ in rows], dataclasses.replace(opts.generate, mode="units"))
+        reference = {
+            i: [int(u) for u in reference[a].units] for i, a, _ in rows if not isinstance(reference[a], Rejected)
+        }
+        result["units"] = score_units(reference, units)
+        if not opts.judge:
+            back = _units_asr(opts, model, reference, "reference_units_asr", log)
+            result["reference_units_asr"] = {
+                k: v for k, v in score_asr({i: t for i, _, t in rows}, back, language=opts.language).items()
+                if k in ("wer", "cer", "n_scored", "n_failed")
+            }  # fmt: skip
+    return result
+
+
+def _units_asr(opts: EvalOptions, model, units: dict[str, list[int]], name: str, log) -> dict:
+    """id -> transcript of the model's own ASR with `units` as the prompt audio (units mode)."""
+    segments = {i: AudioSegment(units=np.asarray(u)) for i, u in units.items()}
+    records = run(_sub(opts, "asr", name, mode="units"), [Request(i, {"audio": i}) for i in units], log,
+                  model=model, audio=segments)  # fmt: skip
+    return _hypotheses(records)
 
 
 def _unit_scores(opts: EvalOptions, model, paths: list[str]) -> dict[str, tuple[float, int] | Rejected]:
@@ -192,6 +213,23 @@ def _storycloze(opts: EvalOptions, model, log) -> dict:
         }  # fmt: skip
     name = opts.name if opts.name in ("storycloze", "topic_storycloze") else "storycloze"
     return score_storycloze(items, reduction=opts.reduction, task=name)
+
+
+def _text(opts: EvalOptions, model, log) -> dict:
+    rows = [json.loads(line) for line in Path(opts.data).read_text().splitlines() if line.strip()]
+    for n, row in enumerate(rows, 1):
+        require("text" in row, f"{opts.data}:{n}: a line needs 'text'")
+    tokenizer = load_tokenizer(opts.generate.tokenizer)
+    items = []
+    for row in rows:  # rendered exactly as training packed text (the lm template), scored from token 1
+        rendered = render("lm", TextSample(str(row.get("id", "")), row["text"]), {}, tokenizer, model.tokens,
+                          TemplateOptions(), mode="units")  # fmt: skip
+        items.append(([int(t) for t in rendered.tokens], 1))
+    if isinstance(model, HFExport):
+        scores = hf_log_likelihood(model, items)
+    else:
+        scores = log_likelihood(model, items, batch_size=opts.generate.batch_size)
+    return score_perplexity({str(r.get("id", n)): s for n, (r, s) in enumerate(zip(rows, scores, strict=True))})
 
 
 def _qa(opts: EvalOptions, model, log) -> dict:

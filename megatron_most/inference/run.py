@@ -22,7 +22,8 @@ import soundfile
 import torch
 from tqdm import tqdm
 
-from megatron_most.audio import AudioLoader, AudioOptions, HubertEncoder, UnitCodebook
+from megatron_most.audio import AudioLoader, AudioOptions, UnitCodebook
+from megatron_most.audio.encoder import load_encoder
 from megatron_most.audio.vocoder import load_vocoder
 from megatron_most.data.templates import AudioSegment, TemplateOptions
 from megatron_most.data.tokenizer import load_tokenizer
@@ -46,7 +47,8 @@ class GenerateOptions:
     tokenizer: str = ""
     """The text tokenizer the model was trained with (sentencepiece .model or a HF tokenizer dir)."""
     hubert: str | None = None
-    """HubertModel directory for audio inputs (the one the training data was packed with)."""
+    """Audio encoder for audio inputs (the one the training data was packed with): a HubertModel
+    directory or "logmel"."""
     layer: int | None = None
     """HuBERT hidden_states index of the features (and of the units' codebook)."""
     units: str | None = None
@@ -119,7 +121,7 @@ def encode_audio(paths: list[str], opts: GenerateOptions) -> dict[str, AudioSegm
     require(opts.hubert, f"--hubert: audio inputs ({paths[0]}, ...) need the HuBERT the model was trained with")
     waves = dict(zip(paths, AudioLoader(AudioOptions(device="cpu")).load(paths), strict=True))
     good = [p for p, w in waves.items() if not isinstance(w, Rejected)]
-    encoder = HubertEncoder(opts.hubert, layer=opts.layer)
+    encoder = load_encoder(opts.hubert, layer=opts.layer)
     features = dict(zip(good, encoder([waves[p] for p in good]), strict=True))
     codebook = UnitCodebook.load(opts.units) if opts.units else None
     out: dict[str, AudioSegment | Rejected] = {p: w for p, w in waves.items() if isinstance(w, Rejected)}

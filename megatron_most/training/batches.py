@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from megatron_most.audio.augment import SpecAugment
 from megatron_most.data.blend import build_datasets, data_loader
 from megatron_most.data.dataset import AudioTextDatasetConfig, check_header
 from megatron_most.data.indexed import check_compatible, read_header
@@ -38,7 +39,12 @@ def _blends(cfg: TrainConfig) -> dict[str, tuple[list[str], list[float] | None]]
 
 def dataset_config(cfg: TrainConfig, most: MoSTConfig) -> AudioTextDatasetConfig:
     blends = _blends(cfg)
-    common = dict(random_seed=cfg.seed, sequence_length=most.seq_length)
+    augment = SpecAugment(
+        time_masks=cfg.spec_augment_time_masks, time_width=cfg.spec_augment_time_width,
+        freq_masks=cfg.spec_augment_freq_masks, freq_width=cfg.spec_augment_freq_width,
+        groups=cfg.spec_augment_groups,
+    )  # fmt: skip
+    common = dict(random_seed=cfg.seed, sequence_length=most.seq_length, spec_augment=augment)
     if "data" in blends:
         return AudioTextDatasetConfig.for_model(most, blend=blends["data"], split=cfg.split, **common)
     per_split = [blends["train"], blends.get("valid"), None]
