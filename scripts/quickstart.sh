@@ -29,7 +29,7 @@ if [ "$CI" -eq 1 ]; then  # every stage on a tiny budget: CI checks the job runs
     TRAIN=48 TEST=8 TEXT=400 K=128 ITERS=12 EXTRA=(--save-interval 12 --eval-interval 6 --log-interval 3
                                                  --mamoe-stats-interval 6 --lr-warmup-iters 2)
 else
-    TRAIN=4000 TEST=120 TEXT=20000 K=128 ITERS=${QUICKSTART_ITERS:-440} EXTRA=()
+    TRAIN=4000 TEST=120 TEXT=20000 K=128 ITERS=${QUICKSTART_ITERS:-460} EXTRA=()
 fi
 START=$(date +%s)
 CORPUS=$OUT/corpus PACKED=$OUT/packed RUN=$OUT/train EVAL=$OUT/eval
@@ -61,7 +61,7 @@ corpus() {
 
 units() {
     python tools/train_units.py --input "$CORPUS/train.jsonl" --audio-encoder logmel --k "$K" \
-        --n-init 3 --max-iter 50 --output "$CORPUS/units.safetensors" --device cpu
+        --n-init 1 --max-iter 30 --max-frames 100000 --output "$CORPUS/units.safetensors" --device cpu
 }
 
 pack() {

@@ -86,6 +86,42 @@ def test_asr_and_tts(setup, codebook, tmp_path):  # noqa: F811
     tts = _results(out)["tts"]
     assert tts["judge"] == "the model's own ASR on its units"
     assert len(tts["failed"]) + tts["n_scored"] == 4
+    assert tts["units"]["n_compared"] >= 1 and 0 <= tts["units"]["unit_accuracy"] <= 1  # vs the spoken references
+    assert tts["reference_units_asr"]["n_scored"] == 3  # the broken file has no reference units
+
+
+def _text_logprobs(run, tokenizer, texts):
+    """Rank body: summed log-probability and count of <bos> text <eos> after <bos>, from full logits."""
+    from megatron_most.data.tokenizer import load_tokenizer
+    from megatron_most.inference.load import load_model
+    from megatron_most.platform import ParallelLayout, initialize
+
+    initialize(ParallelLayout(), num_experts=8)
+    model, tok = load_model(run), load_tokenizer(tokenizer)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for text in texts:
+            ids = torch.tensor([[tok.bos, *tok.encode(text), tok.eos]])
+            logp = torch.log_softmax(model(ids, torch.arange(ids.shape[1])[None], None)[0, :-1].float(), -1)
+            total += logp.gather(-1, ids[0, 1:, None]).sum().item()
+            count += ids.shape[1] - 1
+    return total, count
+
+
+@pytest.mark.slow
+def test_text_perplexity_matches_direct_log_likelihoods(setup, codebook, tmp_path):  # noqa: F811
+    texts = ["one two three", "the quick brown fox", "seven"]
+    data = tmp_path / "text.jsonl"
+    data.write_text("".join(json.dumps({"id": f"t{i}", "text": t}) + "\n" for i, t in enumerate(texts)))
+    done = _tool("text", *_common(setup, codebook), "--data", data, "--out", tmp_path / "eval")
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = _results(tmp_path / "eval")["text"]
+    total, count = run_distributed(
+        _text_logprobs, 1, args=(str(setup["run"]), str(setup["tokenizer"]), texts), timeout_s=300
+    )[0]
+    assert result["tokens"] == count
+    assert result["perplexity"] == pytest.approx(np.exp(-total / count), rel=1e-4)
+    assert "| text | perplexity |" in (tmp_path / "eval" / "results.md").read_text()
 
 
 @pytest.mark.slow

@@ -282,7 +282,9 @@ def tiny() -> MoSTConfig:
 
 def small() -> MoSTConfig:
     """The quickstart's model (~1.5M parameters, ~0.8M active): trains on 2 CPU cores in minutes and
-    learns ASR from 80-bin log-mel features stacked to 25 Hz (320-d) and TTS into 128 units."""
+    learns ASR from 80-bin log-mel features stacked to 25 Hz (320-d) and TTS into 128 units.
+    Measured in ASR-only runs on the quickstart corpus: plain RoPE reached a lower ASR loss than
+    YaRN x40 at equal steps (1.68 vs 1.75 after 200 steps)."""
     return MoSTConfig(
         num_layers=4,
         hidden_size=128,
@@ -292,6 +294,7 @@ def small() -> MoSTConfig:
         qk_nope_head_dim=32,
         qk_rope_head_dim=16,
         v_head_dim=32,
+        rope_factor=1.0,  # plain RoPE: YaRN x40 over 64 positions would flatten most rotary frequencies
         original_max_position_embeddings=64,
         max_position_embeddings=2560,
         dense_ffn_size=384,
