@@ -29,7 +29,7 @@ if [ "$CI" -eq 1 ]; then  # every stage on a tiny budget: CI checks the job runs
     TRAIN=48 TEST=8 TEXT=400 K=128 ITERS=12 EXTRA=(--save-interval 12 --eval-interval 6 --log-interval 3
                                                  --mamoe-stats-interval 6 --lr-warmup-iters 2)
 else
-    TRAIN=4000 TEST=120 TEXT=20000 K=128 ITERS=${QUICKSTART_ITERS:-460} EXTRA=()
+    TRAIN=4000 TEST=120 TEXT=20000 K=128 ITERS=${QUICKSTART_ITERS:-560} EXTRA=()
 fi
 START=$(date +%s)
 CORPUS=$OUT/corpus PACKED=$OUT/packed RUN=$OUT/train EVAL=$OUT/eval

@@ -41,6 +41,9 @@ def test_quickstart_ci_runs_every_stage_and_writes_the_report(tmp_path):
     for png in ("loss_curves.png", "routing_heatmap.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "train" / "latest_checkpointed_iteration.txt").read_text().strip() == "12"
+    metrics = (out / "train" / "metrics.jsonl").read_text()
+    for task in ("asr", "asr_units", "tts", "lm"):  # ASR packed twice is reported per dataset
+        assert f'"loss/{task}"' in metrics and f'"valid loss/{task}"' in metrics, task
     for name in ("asr_seen", "asr_heldout", "tts", "text"):
         assert (out / "eval" / name / "results.json").is_file()
 

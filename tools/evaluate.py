@@ -14,6 +14,7 @@ Exit status 0 (evaluated; failed items are listed in the results), 2 (bad option
 import argparse
 import sys
 
+from megatron_most.audio.encoder import add_encoder_argument
 from megatron_most.eval.run import TASKS, EvalOptions, evaluate
 from megatron_most.inference.hf import is_hf_export
 from megatron_most.inference.load import checkpoint_config, inference_layout
@@ -33,13 +34,7 @@ def parse_args(argv=None):
     p.add_argument("--audio-dir", help="ZeroSpeech audio folder (default: beside gold.csv)")
     p.add_argument("--reduction", choices=("sum", "mean"), default="sum", help="spoken-LM score")
     p.add_argument("--judge", help="TTS: transformers ASR directory (Whisper or CTC)")
-    p.add_argument(
-        "--audio-encoder",
-        "--hubert",
-        dest="hubert",
-        help="audio encoder: a transformers HubertModel directory (real runs: mHuBERT) or 'logmel' "
-        "(80-bin log-mel, per-utterance normalised, stacked to 25 Hz: 320-d; no weights)",
-    )
+    add_encoder_argument(p)
     p.add_argument("--layer", type=int, help="HuBERT hidden_states index")
     p.add_argument("--units", help="unit codebook")
     p.add_argument("--mode", choices=("features", "units"), default="features", help="how prompt audio enters")

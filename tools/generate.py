@@ -15,6 +15,7 @@ transformers' generate() in one process. Exit status 0 (every request served or 
 import argparse
 import sys
 
+from megatron_most.audio.encoder import add_encoder_argument
 from megatron_most.inference.generate import Sampling
 from megatron_most.inference.hf import is_hf_export
 from megatron_most.inference.load import checkpoint_config, inference_layout
@@ -31,13 +32,7 @@ def parse_args(argv=None):
     p.add_argument("--tokenizer", required=True, help="the model's text tokenizer (.model or HF dir)")
     p.add_argument("--input", nargs="+", required=True, help="audio files, a .txt or a .jsonl")
     p.add_argument("--out", default="generations.jsonl", help="output JSONL (wavs in a folder named after it)")
-    p.add_argument(
-        "--audio-encoder",
-        "--hubert",
-        dest="hubert",
-        help="audio encoder: a transformers HubertModel directory (real runs: mHuBERT) or 'logmel' "
-        "(80-bin log-mel, per-utterance normalised, stacked to 25 Hz: 320-d; no weights)",
-    )
+    add_encoder_argument(p)
     p.add_argument("--layer", type=int, help="HuBERT hidden_states index")
     p.add_argument("--units", help="unit codebook (units mode, speech continuation)")
     p.add_argument("--mode", choices=("features", "units"), default="features", help="how prompt audio enters")

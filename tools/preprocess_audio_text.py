@@ -20,6 +20,7 @@ import json
 import sys
 from concurrent.futures.process import BrokenProcessPool
 
+from megatron_most.audio.encoder import add_encoder_argument
 from megatron_most.data.indexed import DatasetFormatError
 from megatron_most.data.preprocess import preprocess
 from megatron_most.data.preprocess_plan import PreprocessOptions
@@ -40,13 +41,7 @@ def parse_args(argv=None):
         choices=("units", "features"),
         help="units: audio as unit tokens; features: prompt audio as stored HuBERT features",
     )
-    p.add_argument(
-        "--audio-encoder",
-        "--hubert",
-        dest="hubert",
-        help="audio encoder: a transformers HubertModel directory (real runs: mHuBERT) or 'logmel' "
-        "(80-bin log-mel, per-utterance normalised, stacked to 25 Hz: 320-d; no weights)",
-    )
+    add_encoder_argument(p)
     p.add_argument(
         "--layer",
         type=int,

@@ -17,6 +17,7 @@ import argparse
 import json
 import sys
 
+from megatron_most.audio.encoder import add_encoder_argument
 from megatron_most.audio.logmel import is_logmel
 from megatron_most.data.unit_training import UnitTrainingOptions, train_units
 from megatron_most.options import ConfigError
@@ -25,14 +26,7 @@ from megatron_most.options import ConfigError
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--input", nargs="+", required=True, metavar="MANIFEST", help="speech JSONL manifests")
-    p.add_argument(
-        "--audio-encoder",
-        "--hubert",
-        dest="hubert",
-        required=True,
-        help="audio encoder: a transformers HubertModel directory (real runs: mHuBERT) or 'logmel' "
-        "(80-bin log-mel, per-utterance normalised, stacked to 25 Hz: 320-d; no weights)",
-    )
+    add_encoder_argument(p, required=True)
     p.add_argument(
         "--layer", type=int, default=None, help="hidden_states index to cluster (default: 11, MoST's; logmel: 0)"
     )

@@ -16,6 +16,18 @@ from megatron_most.audio.hubert import HubertEncoder
 from megatron_most.audio.logmel import LogMelEncoder, is_logmel
 from megatron_most.options import ConfigError
 
+HELP = (
+    "audio encoder: a transformers HubertModel directory (real runs: mHuBERT) or 'logmel' (80-bin log-mel, "
+    "per-utterance normalised, stacked to 25 Hz: 320-d; no weights)"
+)
+
+
+def add_encoder_argument(parser, *, required: bool = False) -> None:
+    """The tools' one `--audio-encoder` option (alias `--hubert`, stored as `hubert`)."""
+    parser.add_argument(
+        "--audio-encoder", "--hubert", dest="hubert", metavar="DIR|logmel", required=required, help=HELP
+    )
+
 
 def load_encoder(
     spec: str,

@@ -69,15 +69,16 @@ def check_data(cfg: TrainConfig, most: MoSTConfig) -> None:
 
 
 def task_names(cfg: TrainConfig, split: str = "train") -> list[str]:
-    """The task of each dataset of a split's blend (the header's task, else the prefix's name),
-    indexed like the batches' `dataset_id`."""
+    """The task of each dataset of a split's blend (the header's task, else the prefix's name; the
+    prefix's name also when two datasets share a task), indexed like the batches' `dataset_id`."""
     blends = _blends(cfg)
     names = blends.get(split if split in blends else "data", blends.get("train"))[0]
     tasks = []
     for prefix in names:
         task = read_header(prefix).get("task")
         tasks.append(task if isinstance(task, str) else Path(prefix).name)
-    return tasks
+    # a task packed twice (ASR from features and from units) is reported per dataset: its prefix's name
+    return [Path(p).name if tasks.count(t) > 1 else t for p, t in zip(names, tasks)]
 
 
 def build(cfg: TrainConfig, most: MoSTConfig, *, global_batch: int) -> tuple:
