@@ -26,10 +26,10 @@ while [ $# -gt 0 ]; do
     shift
 done
 if [ "$CI" -eq 1 ]; then  # every stage on a tiny budget: CI checks the job runs, not what it learns
-    TRAIN=48 TEST=8 TEXT=400 K=128 ITERS=12 EXTRA=(--save-interval 12 --eval-interval 6 --log-interval 3
+    TRAIN=48 TEST=8 TEXT=400 K=128 ITERS=12 WORKERS=1 EXTRA=(--save-interval 12 --eval-interval 6 --log-interval 3
                                                  --mamoe-stats-interval 6 --lr-warmup-iters 2)
 else
-    TRAIN=4000 TEST=120 TEXT=20000 K=128 ITERS=${QUICKSTART_ITERS:-560} EXTRA=()
+    TRAIN=4000 TEST=120 TEXT=20000 K=128 ITERS=${QUICKSTART_ITERS:-560} WORKERS=2 EXTRA=()
 fi
 START=$(date +%s)
 CORPUS=$OUT/corpus PACKED=$OUT/packed RUN=$OUT/train EVAL=$OUT/eval
@@ -66,7 +66,7 @@ units() {
 
 pack() {
     local common=(--tokenizer "$CORPUS/sp.model" --preset small --audio-encoder logmel --units "$CORPUS/units.safetensors"
-                  --workers 2 --device cpu --max-tokens 513 --overwrite)  # 513 = seq_length + 1
+                  --workers "$WORKERS" --device cpu --max-tokens 513 --overwrite)  # 513 = seq_length + 1
     python tools/preprocess_audio_text.py --input "$CORPUS/train.jsonl" --task asr --mode features \
         --output-prefix "$PACKED/asr" "${common[@]}"
     python tools/preprocess_audio_text.py --input "$CORPUS/train.jsonl" --task asr --mode units \
@@ -79,7 +79,7 @@ pack() {
 
 train() {  # stage 1's mixture ASR .4 (features .3 + units .1: the units teach the ASR that judges TTS) / TTS .4 / text .2
     rm -rf "$RUN"
-    torchrun --nproc_per_node 2 tools/pretrain_most.py --config examples/quickstart/small.yaml \
+    python -m torch.distributed.run --nproc_per_node 2 tools/pretrain_most.py --config examples/quickstart/small.yaml \
         --data-path 0.3 "$PACKED/asr" 0.1 "$PACKED/asr_units" 0.4 "$PACKED/tts" 0.2 "$PACKED/text" \
         --train-iters "$ITERS" --save "$RUN" --tensorboard-dir "$RUN/tensorboard" \
         --wandb-project megatron_most_quickstart --wandb-exp-name "$(basename "$OUT")" "${EXTRA[@]}"
