@@ -229,3 +229,18 @@ def test_collect_synthetic_runs(tmp_path):
     assert fit["n"] == 3 and fit["b"] == pytest.approx(0.1, rel=1e-9) and fit["a"] == pytest.approx(3, rel=1e-9)
     fit = json.loads(write_report(rows, tmp_path, on="frontier")["json"].read_text())["fits"]["mamoe"]
     assert fit["runs"] == 3 and fit["n"] > 3 and fit["b"] == pytest.approx(0.1, rel=1e-9)
+
+
+def test_wall_budget_run_counts_as_finished_when_its_exit_checkpoint_is_saved(tmp_path):
+    """--exit-duration-in-mins stops at any step (63) and saves there; the last logged step is 60."""
+    folder = tmp_path / "p"
+    (folder / "ckpt").mkdir(parents=True)
+    estimate = dict(params=1000, active=500, flops_per_token=3000, seq_length=64)
+    (folder / "point.json").write_text(json.dumps(dict(name="p", variant="mamoe", mix="m", size="s", experts=4,
+                                                       estimate=estimate)))  # fmt: skip
+    (folder / "config.yaml").write_text("train_iters: 1000000\nexit_duration_in_mins: 2.5\n")
+    records = [{"iteration": i, "lm loss": 3.0 - i / 100, "consumed samples": 16 * i} for i in (20, 40, 60)]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert collect(tmp_path)[0]["done"] is False  # no exit checkpoint: killed, not finished
+    (folder / "ckpt" / "latest_checkpointed_iteration.txt").write_text("63")
+    assert collect(tmp_path)[0]["done"] is True

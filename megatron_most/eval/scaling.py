@@ -80,7 +80,8 @@ def _finished(folder: Path, iteration: int) -> bool:
     if iteration >= config.get("train_iters", 100):
         return True
     tracker = folder / "ckpt" / "latest_checkpointed_iteration.txt"
-    saved = tracker.is_file() and tracker.read_text().strip() == str(iteration)
+    # the budget's exit saves at its own step, usually past the last logged one
+    saved = tracker.is_file() and int(tracker.read_text().strip()) >= iteration
     return bool(config.get("exit_duration_in_mins")) and saved
 
 
