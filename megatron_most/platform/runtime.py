@@ -152,12 +152,14 @@ def initialize(
     layout.check_experts(num_experts)
     prepare_process()
     if not torch.distributed.is_initialized():
-        if "MASTER_ADDR" not in os.environ:
-            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1")
+        # Alone (no torchrun), rendezvous on a free port without writing MASTER_PORT into the
+        # environment: a tool this process launches later would inherit it and find it taken.
+        alone = "MASTER_ADDR" not in os.environ
         torch.distributed.init_process_group(
             backend=backend(),
-            rank=int(os.environ.get("RANK", 0)),
-            world_size=world_size,
+            init_method=f"tcp://127.0.0.1:{_free_port()}" if alone else None,
+            rank=0 if alone else int(os.environ.get("RANK", 0)),
+            world_size=1 if alone else world_size,
             timeout=datetime.timedelta(seconds=timeout_s),
         )
     parallel_state.destroy_model_parallel()
