@@ -52,7 +52,6 @@ class LogMelEncoder:
         self.feature_dim = n_mels * stack
         self.frame_rate = self.sample_rate / (self.hop * stack)  # 25 Hz with stack 4
         self.min_samples = self.hop * stack  # one output frame
-        self.path, self.layer = NAME, None
 
     def num_frames(self, num_samples: int) -> int:
         """Output frames for a waveform of `num_samples`: STFT frames (centred) // stack."""

@@ -113,7 +113,8 @@ def fusion_settings(*, ddp: bool = False) -> dict:
     )
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A local TCP port free at the time of asking (a rendezvous may still lose it: spawn retries)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -157,7 +158,7 @@ def initialize(
         alone = "MASTER_ADDR" not in os.environ
         torch.distributed.init_process_group(
             backend=backend(),
-            init_method=f"tcp://127.0.0.1:{_free_port()}" if alone else None,
+            init_method=f"tcp://127.0.0.1:{free_port()}" if alone else None,
             rank=0 if alone else int(os.environ.get("RANK", 0)),
             world_size=1 if alone else world_size,
             timeout=datetime.timedelta(seconds=timeout_s),

@@ -17,12 +17,12 @@ import multiprocessing as mp
 import os
 import pickle
 import queue
-import socket
 import time
 import traceback
 
 import torch
 
+from megatron_most.platform.runtime import free_port as _free_port
 from megatron_most.platform.runtime import shutdown
 
 TORCHRUN_VARS = (
@@ -49,12 +49,6 @@ def single_process_env(**overrides: str) -> dict:
 
 class RankError(AssertionError):
     """A rank failed, died or did not finish (an AssertionError so a test reports it as a failure)."""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank_main(body, args, kwargs, rank, world_size, port, threads, results):
